@@ -1,0 +1,27 @@
+"""In-Place Activated BatchNorm: BatchNorm + invertible activation in one layer that overwrites its
+input and keeps only its output for backward.
+
+    >>> import torch
+    >>> from inplace_abn import InPlaceABN
+    >>> layer = InPlaceABN(16)                       # leaky_relu(0.01) by default
+    >>> y = layer(torch.randn(4, 16, 8, 8))
+"""
+
+from . import functions
+from .distributed import active_group, set_active_group
+from .functions import abn, inplace_abn, inplace_abn_sync
+from .modules import ABN, InPlaceABN, InPlaceABNSync
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABN",
+    "InPlaceABN",
+    "InPlaceABNSync",
+    "abn",
+    "active_group",
+    "functions",
+    "inplace_abn",
+    "inplace_abn_sync",
+    "set_active_group",
+]

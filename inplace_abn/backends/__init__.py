@@ -1,0 +1,66 @@
+"""Backends: interchangeable implementations of the same per-channel primitives.
+
+Each backend module provides ``batch_stats``, ``normalize_activate_``, ``forward_train_``,
+``backward_reduce``, ``backward_apply`` and ``backward`` with the signatures of :mod:`.eager`, the
+reference they are all tested against. :func:`select` picks one per call from the tensor and the
+environment variable ``INPLACE_ABN_BACKEND`` = ``auto`` (default) | ``eager`` | ``compiled`` | ``triton``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import compiled, eager
+
+BACKENDS = ("auto", "eager", "compiled", "triton")
+ENV_VAR = "INPLACE_ABN_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton():
+    from . import triton as triton_backend  # imported lazily: importing triton is slow
+
+    return triton_backend
+
+
+def requested() -> str:
+    """The backend named by ``INPLACE_ABN_BACKEND``; raises ``ValueError`` for an unknown name."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={choice!r} is not a backend: use one of {', '.join(BACKENDS)}.")
+    return choice
+
+
+def select(x: torch.Tensor):
+    """The backend module that runs the layer on ``x``."""
+    if torch.compiler.is_compiling():
+        # Inside the user's torch.compile: trace the plain ops and let the outer compiler fuse them.
+        return eager
+    choice = requested()
+    if choice == "eager":
+        return eager
+    if choice == "compiled":
+        return compiled
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton, but triton is not installed: pip install triton.")
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{ENV_VAR}=triton needs a CUDA tensor, or TRITON_INTERPRET=1 (set before triton is first "
+                f"imported) to run the kernels on {x.device.type} tensors in Triton's interpreter."
+            )
+        return _triton()
+    # auto
+    if x.device.type == "cuda" and x.dtype != torch.float64 and triton_available():
+        return _triton()
+    if x.device.type == "cpu" and compiled.available():
+        return compiled
+    return eager

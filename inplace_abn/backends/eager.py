@@ -1,0 +1,106 @@
+"""The layer's math in plain PyTorch ops: the eager backend, and the source the compiled backend compiles.
+
+Every function works per channel (dim 1) on inputs of rank 2 to 5, in any layout, and computes in
+float32 (float64 for float64 inputs) whatever the storage dtype. Names follow METHOD.md: ``y`` is the
+affine output, ``z = act(y)`` the layer output, ``xhat`` the normalized input.
+
+Transient memory: these ops materialise float32 temporaries of the full size (``y``, ``dy``,
+``xhat``); the compiled and Triton backends fuse them away and allocate nothing full-size but ``dx``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..activations import Activation
+
+Tensor = torch.Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """View a per-channel vector so that it broadcasts against ``x`` (N, C, ...)."""
+    return v.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _scale_and_bias(weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float):
+    """The effective scale ``gamma = |w| + eps`` (1 without affine) and the bias, in the compute dtype."""
+    dtype = compute_dtype(x)
+    channels = x.shape[1]
+    gamma = weight.to(dtype).abs() + eps if weight is not None else x.new_ones(channels, dtype=dtype)
+    beta = bias.to(dtype) if bias is not None else x.new_zeros(channels, dtype=dtype)
+    return gamma, beta
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x``, in the compute dtype."""
+    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=_reduce_dims(x), correction=0)
+    return mean, var
+
+
+def normalize_activate(x, mean, var, weight, bias, eps: float, activation: Activation) -> Tensor:
+    """``act(gamma * (x - mean) / sqrt(var + eps) + b)`` in the dtype of ``x``."""
+    gamma, beta = _scale_and_bias(weight, bias, x, eps)
+    scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
+    shift = beta - mean.to(gamma.dtype) * scale
+    y = x.to(gamma.dtype) * _per_channel(scale, x) + _per_channel(shift, x)
+    return activation.forward(y).to(x.dtype)
+
+
+def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Activation) -> None:
+    """:func:`normalize_activate` written over ``x``."""
+    x.copy_(normalize_activate(x, mean, var, weight, bias, eps, activation))
+
+
+def forward_train_(x, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
+    """Batch statistics, then normalize + activate in place; returns (mean, biased var)."""
+    mean, var = batch_stats(x)
+    normalize_activate_(x, mean, var, weight, bias, eps, activation)
+    return mean, var
+
+
+def _grad_and_xhat(z, grad_z, weight, bias, eps: float, activation: Activation):
+    """Invert the activation and the affine step: ``dL/dy`` and ``xhat`` from the output alone."""
+    gamma, beta = _scale_and_bias(weight, bias, z, eps)
+    zc = z.to(gamma.dtype)
+    dy = activation.grad_input(zc, grad_z.to(gamma.dtype))
+    xhat = (activation.inverse(zc) - _per_channel(beta, z)) / _per_channel(gamma, z)
+    return dy, xhat, gamma
+
+
+def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``: the two reductions of the backward pass."""
+    dy, xhat, _ = _grad_and_xhat(z, grad_z, weight, bias, eps, activation)
+    dims = _reduce_dims(z)
+    return dy.sum(dims), (dy * xhat).sum(dims)
+
+
+def backward_apply(
+    z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float, activation: Activation
+) -> Tensor:
+    """``dx`` from the two sums. ``count`` is the number of elements per channel the statistics came
+    from (global, when synchronized); ``None`` means eval mode, where statistics are constants."""
+    dy, xhat, gamma = _grad_and_xhat(z, grad_z, weight, bias, eps, activation)
+    scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
+    if count is None:
+        return (dy * _per_channel(scale, z)).to(z.dtype)
+    mean_dy = _per_channel(sum_dy.to(gamma.dtype) / count, z)
+    mean_dy_xhat = _per_channel(sum_dy_xhat.to(gamma.dtype) / count, z)
+    return (_per_channel(scale, z) * (dy - mean_dy - xhat * mean_dy_xhat)).to(z.dtype)
+
+
+def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool):
+    """The whole backward on one process: returns ``(dx, sum_dy, sum_dy_xhat)``."""
+    sum_dy, sum_dy_xhat = backward_reduce(z, grad_z, weight, bias, eps, activation)
+    count = z.numel() // z.shape[1] if training else None
+    dx = backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
+    return dx, sum_dy, sum_dy_xhat

@@ -1,0 +1,56 @@
+"""The ``inplace-abn`` console script: one subcommand per tool, each imported only when used.
+
+A tool is a module under :mod:`inplace_abn.tools` with ``configure(parser)`` (add its arguments)
+and ``main(args) -> int`` (run it). Tools may need the optional extras (``pip install
+inplace-abn-next[train]``); the core library never imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module under inplace_abn.tools, one-line help)
+COMMANDS = {
+    "bench": ("bench", "memory and time of a network's training step: BatchNorm vs checkpointing vs InPlace-ABN"),
+    "cityscapes-eval": ("cityscapes_eval", "Cityscapes pixel-level metrics (IoU / iIoU, classes and categories)"),
+    "train": ("train", "train a segmentation or classification network"),
+    "evaluate": ("evaluate", "evaluate a trained network and write predictions"),
+    "demo": ("demo", "train the same small DeepLabV3 with BatchNorm and InPlace-ABN on built-in data, and compare"),
+}
+
+
+def _load(command: str):
+    return importlib.import_module(f"inplace_abn.tools.{COMMANDS[command][0]}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="inplace-abn", description="In-Place Activated BatchNorm tools.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    available = {}
+    for command, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = _load(command)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith("inplace_abn.tools"):
+                continue  # tool not built yet
+            module = None
+            help_text += f" [needs: pip install 'inplace-abn-next[train]' ({error.name} missing)]"
+        sub = subparsers.add_parser(command, help=help_text, description=help_text)
+        if module is not None:
+            module.configure(sub)
+        available[command] = module
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = available[args.command]
+    if module is None:
+        _load(args.command)  # raises the ModuleNotFoundError that names the missing package
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

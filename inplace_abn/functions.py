@@ -1,0 +1,221 @@
+"""Functional API: ``abn``, ``inplace_abn`` and ``inplace_abn_sync``, with the positional order of
+inplace-abn 1.1.0, and the autograd Function that keeps one activation per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, distributed
+from .activations import Activation, make_activation, warn_not_invertible
+
+IDENTITY = Activation("identity")
+
+Tensor = torch.Tensor
+
+__all__ = ["abn", "inplace_abn", "inplace_abn_sync"]
+
+
+class _EffectiveScale(torch.autograd.Function):
+    """``|w| + eps`` whose gradient carries ``sign(w)`` with ``sign(0) = +1`` (``abs`` would give 0)."""
+
+    @staticmethod
+    def forward(ctx, weight, eps):
+        ctx.save_for_backward(weight)
+        return weight.abs() + eps
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return torch.where(weight >= 0, grad, -grad), None
+
+
+def _sign(weight: Tensor) -> Tensor:
+    return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+
+
+class InPlaceABNFunction(torch.autograd.Function):
+    """BatchNorm + invertible activation written over the input; saves only the output.
+
+    Returns ``(z, batch_mean, batch_var_unbiased, count)``; the last three are not differentiable
+    and serve the running-statistics update. With ``group`` set, statistics and the backward sums are
+    all-reduced over the process group (:mod:`inplace_abn.distributed`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, group):
+        backend = backends.select(x)
+        if training:
+            if group is None:
+                mean, var = backend.forward_train_(x, weight, bias, eps, activation)
+                count = x.numel() // x.shape[1]
+            else:
+                mean, var, count = distributed.global_batch_stats(backend.batch_stats(x), x, group)
+                backend.normalize_activate_(x, mean, var, weight, bias, eps, activation)
+        else:
+            mean, var, count = running_mean, running_var, 0
+            backend.normalize_activate_(x, mean, var, weight, bias, eps, activation)
+        ctx.mark_dirty(x)
+        ctx.training, ctx.eps, ctx.activation, ctx.group, ctx.count = training, eps, activation, group, count
+        ctx.save_for_backward(x, var, weight, bias)
+        unbiased_var = var * (count / max(count - 1, 1))
+        count_tensor = torch.tensor(count, device=x.device)
+        ctx.mark_non_differentiable(mean, unbiased_var, count_tensor)
+        return x, mean, unbiased_var, count_tensor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z, _grad_mean, _grad_var, _grad_count):
+        z, var, weight, bias = ctx.saved_tensors
+        backend = backends.select(z)
+        if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
+            grad_z = torch.empty_like(z).copy_(grad_z)
+        if ctx.group is None or not ctx.training:
+            dx, sum_dy, sum_dy_xhat = backend.backward(z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training)
+        else:
+            sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation)
+            grad_weight_local, grad_bias_local = sum_dy_xhat, sum_dy
+            sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
+            dx = backend.backward_apply(
+                z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, ctx.count, ctx.eps, ctx.activation
+            )
+            # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
+            sum_dy, sum_dy_xhat = grad_bias_local, grad_weight_local
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (sum_dy_xhat * _sign(weight)).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(bias.dtype)
+        return dx, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _check(x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor input, got {type(x).__name__}")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(
+            f"expected an input of rank 2 to 5 (N, C, *spatial), got shape {tuple(x.shape)} (rank {x.dim()})"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    channels = x.shape[1]
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if tensor is not None and tensor.numel() != channels:
+            raise ValueError(
+                f"input has {channels} channels (dim 1 of shape {tuple(x.shape)}) but {name} has "
+                f"{tensor.numel()} values: build the layer with num_features={channels}, or check the layer order."
+            )
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (got {eps}): the scale |w| + eps must stay positive to be invertible.")
+    if training and x.numel() // max(channels, 1) <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}: "
+            "use a batch larger than 1, or eval mode."
+        )
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("eval mode needs running_mean and running_var (or training=True to use batch statistics).")
+    if in_place and x.requires_grad and x.is_leaf:
+        raise RuntimeError(
+            "InPlaceABN overwrites its input, but the input is a leaf tensor that requires grad (its original "
+            "values are needed for its .grad). Pass x.clone(), or feed the layer the output of another op "
+            "(conv, linear), or use ABN, which does not work in place."
+        )
+
+
+def _update_running_stats(running_mean, running_var, mean, unbiased_var, momentum: float) -> None:
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+
+
+def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group):
+    if not activation.invertible:
+        # Exact but not in place: normalize a copy of x, then apply the activation out of place.
+        if not torch.compiler.is_compiling():
+            warn_not_invertible(activation)
+        y = _inplace_abn(x.clone(), weight, bias, running_mean, running_var, training, momentum, eps, IDENTITY, group)
+        return activation.forward(y)
+    with torch.autocast(x.device.type, enabled=False):
+        z, mean, unbiased_var, _ = InPlaceABNFunction.apply(
+            x, weight, bias, running_mean, running_var, training, eps, activation, group
+        )
+    if training and running_mean is not None and running_var is not None:
+        _update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
+    return z
+
+
+def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation):
+    scale = _EffectiveScale.apply(weight, eps) if weight is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
+    return activation.forward(y)
+
+
+def abn(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+) -> Tensor:
+    """BatchNorm with scale ``|w| + eps`` followed by the activation, out of place (keeps ``x``).
+
+    Same math as :func:`inplace_abn`, so the two are interchangeable with the same weights; supports
+    ``relu`` too.
+    """
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=False)
+    return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, make_activation(activation, activation_param))
+
+
+def inplace_abn(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+) -> Tensor:
+    """In-place activated BatchNorm: writes ``act(|w|+eps) * xhat + b)`` over ``x`` and returns it.
+
+    In training mode the batch statistics are used and the running statistics updated with
+    ``momentum`` (unbiased variance); in eval mode the running statistics are used. Only the output
+    is kept for backward. ``x`` must not be needed by anything else afterwards: see the README.
+    """
+    act = make_activation(activation, activation_param)
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.invertible)
+    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None)
+
+
+def inplace_abn_sync(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "leaky_relu",
+    activation_param: float = 0.01,
+    group=None,
+) -> Tensor:
+    """:func:`inplace_abn` with statistics synchronized over ``group`` (default: the whole world).
+
+    Without an initialized process group, or with one process, it is :func:`inplace_abn`.
+    """
+    act = make_activation(activation, activation_param)
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.invertible)
+    group = distributed.group_to_sync(group) if training else None
+    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, group)

@@ -1,0 +1,173 @@
+"""The layers: ``ABN``, ``InPlaceABN`` and ``InPlaceABNSync`` share one base and differ only in the
+function they call. Parameters, buffers, state-dict keys and momentum semantics are those of
+``torch.nn.BatchNorm2d``, so a BatchNorm state dict loads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functions
+from .activations import make_activation, warn_not_invertible
+
+
+class ABN(nn.Module):
+    """Activated BatchNorm: BatchNorm with effective scale ``|weight| + eps``, then an activation.
+
+    Not in place: keeps its input, like BatchNorm + activation, and accepts ``relu``. Its math is
+    that of :class:`InPlaceABN`, so the two are interchangeable with the same weights.
+
+    Args:
+        num_features: channels ``C`` of an input ``(N, C, *spatial)`` of rank 2 to 5.
+        eps: added to the variance, and to ``|weight|`` in the scale. Must be > 0.
+        momentum: running-statistics update factor; ``None`` for a cumulative average.
+        affine: learn ``weight`` and ``bias``.
+        track_running_stats: keep running statistics for eval mode (else batch statistics always).
+        activation: ``"leaky_relu"``, ``"elu"``, ``"identity"`` (alias ``"none"``), or ``"relu"``.
+        activation_param: leaky_relu's negative slope, or elu's alpha.
+    """
+
+    _version = 2  # that of BatchNorm's state dict: has num_batches_tracked
+    _function = staticmethod(functions.abn)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        *,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (got {eps}): the scale |weight| + eps must stay positive.")
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1] or None (got {momentum}).")
+        self._activation = make_activation(activation, activation_param)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.activation = activation
+        self.activation_param = activation_param
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _momentum_and_training(self) -> tuple[float, bool]:
+        """As ``nn.BatchNorm``: the update factor (cumulative average for momentum None), and whether
+        batch statistics are used."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        return momentum, use_batch_stats
+
+    def _running_stats(self):
+        # Buffers are updated only when they are used for normalization in eval, i.e. when tracked.
+        if not self.training or self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum, use_batch_stats = self._momentum_and_training()
+        running_mean, running_var = self._running_stats()
+        return self._function(
+            x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
+            self.activation, self.activation_param,
+        )
+
+    def extra_repr(self) -> str:
+        act = self._activation.name
+        if act in ("leaky_relu", "elu"):
+            act += f"[{self._activation.param}]"
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, activation={act}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # State dicts of inplace-abn 1.1.0 (and BatchNorm before version 2) have no num_batches_tracked.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long) if self.num_batches_tracked is None else self.num_batches_tracked
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class InPlaceABN(ABN):
+    """In-place activated BatchNorm: writes its output over its input and keeps only the output for
+    backward, halving the activation memory of a BatchNorm + activation pair.
+
+    The activation must be invertible: ``leaky_relu`` with slope > 0 (default 0.01), ``elu``, or
+    ``identity``. With ``relu`` or slope 0 the layer stays exact by keeping its input, as
+    :class:`ABN` does, and warns once that it saves no memory. The input must not be used by
+    anything else after this layer: see the README ("What may not share an in-place input").
+    """
+
+    _function = staticmethod(functions.inplace_abn)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
+                 **factory):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param, **factory)
+        if not self._activation.invertible:
+            warn_not_invertible(self._activation)
+
+
+class InPlaceABNSync(InPlaceABN):
+    """:class:`InPlaceABN` with batch statistics synchronized over a ``torch.distributed`` group.
+
+    ``group=None`` synchronizes over the whole world. Without an initialized process group, or
+    with one process, it behaves as :class:`InPlaceABN`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
+                 group=None, **factory):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param, **factory)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        momentum, use_batch_stats = self._momentum_and_training()
+        running_mean, running_var = self._running_stats()
+        return functions.inplace_abn_sync(
+            x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
+            self.activation, self.activation_param, self.group,
+        )
