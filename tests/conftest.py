@@ -1,0 +1,17 @@
+"""Test set-up. Triton kernels run in Triton's interpreter on CPU tensors unless a GPU run asks
+otherwise (INPLACE_ABN_GPU_TESTS=1); the variable must be set before triton is first imported."""
+
+import os
+
+if os.environ.get("INPLACE_ABN_GPU_TESTS") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
