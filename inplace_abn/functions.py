@@ -40,20 +40,22 @@ def _sign(weight: Tensor) -> Tensor:
 class InPlaceABNFunction(torch.autograd.Function):
     """BatchNorm + invertible activation written over the input; saves only the output.
 
-    Returns ``(z, batch_mean, batch_var_unbiased, count)``; the last three are not differentiable
-    and serve the running-statistics update. With ``group`` set, statistics and the backward sums are
-    all-reduced over the process group (:mod:`inplace_abn.distributed`).
+    Returns ``z`` (the input, overwritten) alone: autograd allows a Function that modifies a view in
+    place only one output, so the running statistics are updated here, not by the caller. With
+    ``group`` set, statistics and the backward sums are all-reduced over the process group
+    (:mod:`inplace_abn.distributed`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, activation, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group):
         backend = backends.select(x)
         if training:
             if group is None:
                 mean, var = backend.forward_train_(x, weight, bias, eps, activation)
                 count = x.numel() // x.shape[1]
-            else:
-                mean, var, count = distributed.global_batch_stats(backend.batch_stats(x), x, group)
+            else:  # count: the global count, a 0-dim tensor (reading it back would stall CUDA streams)
+                mean, var = backend.batch_stats(x)
+                mean, var, count = distributed.global_batch_stats(mean, var, x.numel() // x.shape[1], group)
                 backend.normalize_activate_(x, mean, var, weight, bias, eps, activation)
         else:
             mean, var, count = running_mean, running_var, 0
@@ -61,14 +63,18 @@ class InPlaceABNFunction(torch.autograd.Function):
         ctx.mark_dirty(x)
         ctx.training, ctx.eps, ctx.activation, ctx.group, ctx.count = training, eps, activation, group, count
         ctx.save_for_backward(x, var, weight, bias)
-        unbiased_var = var * (count / max(count - 1, 1))
-        count_tensor = torch.tensor(count, device=x.device)
-        ctx.mark_non_differentiable(mean, unbiased_var, count_tensor)
-        return x, mean, unbiased_var, count_tensor
+        if training and running_mean is not None and running_var is not None:
+            if isinstance(count, Tensor):  # synchronized
+                unbiased_var = var * (count / (count - 1).clamp_min(1))
+            else:
+                unbiased_var = var * (count / max(count - 1, 1))
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+        return x
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z, _grad_mean, _grad_var, _grad_count):
+    def backward(ctx, grad_z):
         z, var, weight, bias = ctx.saved_tensors
         backend = backends.select(z)
         if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
@@ -79,8 +85,9 @@ class InPlaceABNFunction(torch.autograd.Function):
             sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation)
             grad_weight_local, grad_bias_local = sum_dy_xhat, sum_dy
             sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
+            # Divided here by the global count (a tensor), so the backend sees count 1, a plain int.
             dx = backend.backward_apply(
-                z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, ctx.count, ctx.eps, ctx.activation
+                z, grad_z, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps, ctx.activation
             )
             # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
             sum_dy, sum_dy_xhat = grad_bias_local, grad_weight_local
@@ -89,7 +96,7 @@ class InPlaceABNFunction(torch.autograd.Function):
             grad_weight = (sum_dy_xhat * _sign(weight)).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(bias.dtype)
-        return dx, grad_weight, grad_bias, None, None, None, None, None, None
+        return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _check(x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool) -> None:
@@ -125,12 +132,6 @@ def _check(x: Tensor, weight, bias, running_mean, running_var, training: bool, e
         )
 
 
-def _update_running_stats(running_mean, running_var, mean, unbiased_var, momentum: float) -> None:
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
-
-
 def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group):
     if not activation.invertible:
         # Exact but not in place: normalize a copy of x, then apply the activation out of place.
@@ -139,12 +140,9 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
         y = _inplace_abn(x.clone(), weight, bias, running_mean, running_var, training, momentum, eps, IDENTITY, group)
         return activation.forward(y)
     with torch.autocast(x.device.type, enabled=False):
-        z, mean, unbiased_var, _ = InPlaceABNFunction.apply(
-            x, weight, bias, running_mean, running_var, training, eps, activation, group
+        return InPlaceABNFunction.apply(
+            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group
         )
-    if training and running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, mean, unbiased_var, momentum)
-    return z
 
 
 def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation):

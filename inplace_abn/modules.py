@@ -154,20 +154,69 @@ class InPlaceABN(ABN):
 class InPlaceABNSync(InPlaceABN):
     """:class:`InPlaceABN` with batch statistics synchronized over a ``torch.distributed`` group.
 
-    ``group=None`` synchronizes over the whole world. Without an initialized process group, or
-    with one process, it behaves as :class:`InPlaceABN`.
+    In training, the statistics of all ranks' shards are merged exactly (ranks may hold different
+    batch sizes), so outputs, input gradients and running statistics equal those of one process on
+    the concatenated batch; ``weight``/``bias`` gradients are this rank's contribution, which
+    ``DistributedDataParallel`` averages. One collective forward, one backward (docs/distributed.md).
+
+    ``group=None`` synchronizes over the whole world. Without an initialized process group, with
+    one process, on a rank outside ``group``, or in eval mode, it behaves as :class:`InPlaceABN` and
+    communicates nothing. ``in_place=False`` keeps the input, as :class:`ABN` does (what
+    :meth:`convert_sync_abn` gives an ``ABN``, whose input may still be in use).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
-                 group=None, **factory):
+                 group=None, *, in_place: bool = True, **factory):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param, **factory)
+        self.group = group
+        self.in_place = in_place
+
+    def set_group(self, group) -> None:
+        """Synchronize over ``group`` from now on (what :func:`~inplace_abn.set_active_group` calls)."""
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.in_place and self._activation.invertible:  # not invertible: already out of place
+            x = x.clone()
+        if not self.training:  # running statistics, or (untracked) this rank's batch: nothing to share
+            return super().forward(x)
         momentum, use_batch_stats = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         return functions.inplace_abn_sync(
             x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
             self.activation, self.activation_param, self.group,
         )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.in_place else ", in_place=False")
+
+    @classmethod
+    def convert_sync_abn(cls, module: nn.Module, group=None) -> nn.Module:
+        """Return ``module`` with every :class:`ABN` and :class:`InPlaceABN` layer replaced by an
+        :class:`InPlaceABNSync` over ``group``, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+
+        The new layers share the old ones' parameters and buffers (an optimizer built before the
+        conversion still holds the right tensors) and keep their hyper-parameters, activation and
+        train/eval mode. An ``ABN`` becomes ``InPlaceABNSync(in_place=False)``, since code written for
+        ``ABN`` may still use its input. Layers that already are ``InPlaceABNSync`` are kept as they
+        are (change their group with :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm``
+        layers are not touched: ``nn.SyncBatchNorm.convert_sync_batchnorm`` handles those.
+        """
+        if isinstance(module, ABN) and not isinstance(module, InPlaceABNSync):
+            converted = cls(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                module.activation, module.activation_param, group, in_place=isinstance(module, InPlaceABN),
+                device="meta",
+            )
+            for name, _ in converted.named_parameters(recurse=False):
+                setattr(converted, name, getattr(module, name))
+            for name, _ in converted.named_buffers(recurse=False):
+                setattr(converted, name, getattr(module, name))
+            converted.train(module.training)
+            return converted
+        for name, child in module.named_children():
+            converted_child = cls.convert_sync_abn(child, group)
+            if converted_child is not child:
+                module.add_module(name, converted_child)
+        return module

@@ -40,7 +40,7 @@ def _compiled(fn, x: torch.Tensor, **constants):
     if compiled is None:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_cache)}")
         clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        compiled = torch.compile(functools.partial(clone, **constants), dynamic=True)
+        compiled = torch.compile(clone, dynamic=True)
         _cache[key] = compiled
     return compiled
 
@@ -49,7 +49,7 @@ def _run(fn, x, *args, **constants):
     if _broken:
         return fn(x, *args, **constants)
     try:
-        return _compiled(fn, x, **constants)(x, *args)
+        return _compiled(fn, x, **constants)(x, *args, **constants)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         _broken.append(str(error))
         warnings.warn(
