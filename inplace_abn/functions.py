@@ -139,6 +139,12 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
             warn_not_invertible(activation)
         y = _inplace_abn(x.clone(), weight, bias, running_mean, running_var, training, momentum, eps, IDENTITY, group)
         return activation.forward(y)
+    if torch.compiler.is_compiling():
+        # torch.compile (2.13) returns a wrong input gradient when an in-place autograd.Function
+        # overwrites a graph input (the layer first in a compiled region, e.g. after DDP splits the
+        # graph). A copy makes the input an intermediate. Under compile, AOTAutograd functionalizes
+        # the graph and picks what to save anyway; Inductor fuses the copy into the kernel.
+        x = x.clone()
     with torch.autocast(x.device.type, enabled=False):
         return InPlaceABNFunction.apply(
             x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group

@@ -124,6 +124,25 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
     torch.testing.assert_close(compiled(x), eager_model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_torch_compile_layer_first_in_its_graph(monkeypatch):
+    """The layer's input is an input of the compiled graph (computed outside it): gradients must
+    still flow right (torch 2.13 mishandles an in-place Function on a graph input; we copy it)."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3)
+    eager_layer, compiled_layer = InPlaceABN(4), InPlaceABN(4)
+    inputs, grad = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 6, 6)
+    results = []
+    for layer in (eager_layer, torch.compile(compiled_layer, fullgraph=True)):
+        conv.zero_grad()
+        out = layer(conv(inputs))
+        out.backward(grad)
+        results.append((out.detach(), conv.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_layer.weight.grad, eager_layer.weight.grad, atol=1e-4, rtol=1e-4)
+
+
 # --- the 1.1.0 API --------------------------------------------------------------------------------
 
 def test_public_names_and_functional_positional_order(monkeypatch):
