@@ -12,6 +12,9 @@ from .distributed import active_group, set_active_group
 from .functions import abn, inplace_abn, inplace_abn_sync
 from .modules import ABN, InPlaceABN, InPlaceABNSync
 
+#: Convert a model's ABN / InPlaceABN layers to InPlaceABNSync (see docs/distributed.md).
+convert_sync_abn = InPlaceABNSync.convert_sync_abn
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "InPlaceABNSync",
     "abn",
     "active_group",
+    "convert_sync_abn",
     "functions",
     "inplace_abn",
     "inplace_abn_sync",

@@ -9,8 +9,6 @@ See ``docs/distributed.md`` for what each layer sends.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -29,6 +27,12 @@ def group_to_sync(group=None):
     if dist.get_world_size(group) <= 1:  # -1 for a non-member
         return None
     return group
+
+
+def _all_gather_single(output: Tensor, tensor: Tensor, group=None) -> None:
+    # torch 2.13 renamed all_gather_into_tensor (the old name warns); older versions have only that.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def _collective_device(tensor: Tensor, group) -> torch.device:
@@ -70,7 +74,7 @@ def global_batch_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Te
     local = local.to(_collective_device(local, group))
     world_size = dist.get_world_size(group)
     gathered = local.new_empty(world_size * local.numel())  # flat: the layout torch.compile traces
-    dist.all_gather_into_tensor(gathered, local, group=group)
+    _all_gather_single(gathered, local, group=group)
     gathered = gathered.view(world_size, -1).to(mean.device)
     total, global_mean, m2 = merge_stats(gathered[:, :1], gathered[:, 1 : channels + 1], gathered[:, channels + 1 :])
     global_var = m2 / total.clamp_min(1)
@@ -101,7 +105,7 @@ def active_group(active: bool):
     flag = torch.tensor([dist.get_rank() if active else -1], dtype=torch.long)
     flag = flag.to(_collective_device(flag, None))
     flags = flag.new_empty(dist.get_world_size())
-    dist.all_gather_into_tensor(flags, flag)
+    _all_gather_single(flags, flag)
     ranks = [rank for rank in flags.tolist() if rank >= 0]
     if not ranks:  # new_group([]) would mean "every rank": nobody is active, so nobody syncs
         return dist.GroupMember.NON_GROUP_MEMBER
@@ -109,13 +113,9 @@ def active_group(active: bool):
 
 
 def set_active_group(module: torch.nn.Module, group) -> None:
-    """Set ``group`` on every :class:`~inplace_abn.InPlaceABNSync` layer inside ``module``."""
+    """Set ``group`` on every layer inside ``module`` that has ``set_group``: every
+    :class:`~inplace_abn.InPlaceABNSync` (as in inplace-abn 1.x, any layer may take part)."""
     for layer in module.modules():
         set_group = getattr(layer, "set_group", None)
         if callable(set_group):
             set_group(group)
-
-
-def is_compiling_distributed(group: Optional[object]) -> bool:
-    """Whether a synchronized layer is being traced by ``torch.compile`` (see docs/distributed.md)."""
-    return group is not None and torch.compiler.is_compiling()

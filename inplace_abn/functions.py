@@ -99,7 +99,9 @@ class InPlaceABNFunction(torch.autograd.Function):
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def _check(x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool) -> None:
+def _check(
+    x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool, synchronized: bool = False
+) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor input, got {type(x).__name__}")
     if not 2 <= x.dim() <= 5:
@@ -117,7 +119,9 @@ def _check(x: Tensor, weight, bias, running_mean, running_var, training: bool, e
             )
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (got {eps}): the scale |w| + eps must stay positive to be invertible.")
-    if training and x.numel() // max(channels, 1) <= 1:
+    # A synchronized shard may hold one value per channel (or none): the global batch counts, and
+    # raising on one rank would leave the others waiting in the collective.
+    if training and not synchronized and x.numel() // max(channels, 1) <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}: "
             "use a batch larger than 1, or eval mode."
@@ -220,6 +224,6 @@ def inplace_abn_sync(
     Without an initialized process group, or with one process, it is :func:`inplace_abn`.
     """
     act = make_activation(activation, activation_param)
-    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.invertible)
     group = distributed.group_to_sync(group) if training else None
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.invertible, synchronized=group is not None)
     return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, group)
