@@ -159,7 +159,39 @@ def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, ac
     scale = _EffectiveScale.apply(weight, eps) if weight is not None else None
     with torch.autocast(x.device.type, enabled=False):
         y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
-    return activation.forward(y)
+    # y is fresh: activate it in place, so that autograd keeps the activation output rather than y.
+    return activation.forward(y, inplace=True)
+
+
+def batch_norm_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    activation_param: float,
+) -> Tensor:
+    """The layers' math in standard ops only, out of place: ``F.batch_norm`` with scale ``|w| + eps``,
+    then the activation. What TorchScript, ``torch.jit.trace``, ``torch.export`` and ONNX record (the
+    in-place autograd Function is opaque to them); scriptable. Saves no memory, and under it
+    ``weight.grad`` at ``w == 0`` is 0 (``abs``) where the layers give ``+1``.
+    """
+    scale: Optional[Tensor] = None
+    if weight is not None:
+        scale = weight.abs() + eps
+    y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
+    name = activation.lower()
+    if name == "leaky_relu":
+        return F.leaky_relu(y, activation_param)
+    if name == "elu":
+        return F.elu(y, activation_param)
+    if name == "relu":
+        return F.relu(y)
+    return y  # identity (alias "none"); names were validated when the layer was built
 
 
 def abn(

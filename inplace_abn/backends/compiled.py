@@ -45,9 +45,16 @@ def _compiled(fn, x: torch.Tensor, **constants):
     return compiled
 
 
+def _plain(value):
+    # torch.compile takes the shapes of nn.Parameters as static: a Parameter argument would fix the
+    # channel count and recompile for every layer width. A detached tensor is an ordinary input.
+    return value.detach() if isinstance(value, torch.nn.Parameter) else value
+
+
 def _run(fn, x, *args, **constants):
     if _broken:
         return fn(x, *args, **constants)
+    args = tuple(_plain(arg) for arg in args)
     try:
         return _compiled(fn, x, **constants)(x, *args, **constants)
     except torch._dynamo.exc.BackendCompilerFailed as error:
