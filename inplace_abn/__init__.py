@@ -8,6 +8,7 @@ input and keeps only its output for backward.
 """
 
 from . import functions
+from .convert import ConversionReport, convert_to_abn, convert_to_batchnorm, fuse_conv_abn
 from .distributed import active_group, set_active_group
 from .functions import abn, inplace_abn, inplace_abn_sync
 from .modules import ABN, InPlaceABN, InPlaceABNSync
@@ -19,12 +20,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABN",
+    "ConversionReport",
     "InPlaceABN",
     "InPlaceABNSync",
     "abn",
     "active_group",
     "convert_sync_abn",
+    "convert_to_abn",
+    "convert_to_batchnorm",
     "functions",
+    "fuse_conv_abn",
     "inplace_abn",
     "inplace_abn_sync",
     "set_active_group",

@@ -14,6 +14,12 @@ from . import functions
 from .activations import make_activation, warn_not_invertible
 
 
+def _recording_graph() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` is recording the model (the ONNX exporters run one
+    of the two): they need standard ops, and see the in-place autograd Function as an opaque call."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 class ABN(nn.Module):
     """Activated BatchNorm: BatchNorm with effective scale ``|weight| + eps``, then an activation.
 
@@ -92,25 +98,39 @@ class ABN(nn.Module):
         """As ``nn.BatchNorm``: the update factor (cumulative average for momentum None), and whether
         batch statistics are used."""
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        # "is not None": TorchScript types an absent buffer as None and drops this branch for it.
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or self.running_mean is None
         return momentum, use_batch_stats
 
-    def _running_stats(self):
+    def _running_stats(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         # Buffers are updated only when they are used for normalization in eval, i.e. when tracked.
         if not self.training or self.track_running_stats:
             return self.running_mean, self.running_var
         return None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._forward_standard_ops(x)
+        if _recording_graph():
+            return self._forward_standard_ops(x)
         momentum, use_batch_stats = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         return self._function(
             x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
             self.activation, self.activation_param,
+        )
+
+    def _forward_standard_ops(self, x: torch.Tensor) -> torch.Tensor:
+        """The same math out of place in standard ops (``F.batch_norm`` + activation), for exporters."""
+        momentum, use_batch_stats = self._momentum_and_training()
+        running_mean, running_var = self._running_stats()
+        return functions.batch_norm_act(
+            x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
+            self.activation, float(self.activation_param),
         )
 
     def extra_repr(self) -> str:
@@ -177,6 +197,10 @@ class InPlaceABNSync(InPlaceABN):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return self._forward_standard_ops(x)  # in training: this rank's statistics, no collective
+        if _recording_graph():
+            return self._forward_standard_ops(x)
         if not self.in_place and self._activation.invertible:  # not invertible: already out of place
             x = x.clone()
         if not self.training:  # running statistics, or (untracked) this rank's batch: nothing to share
