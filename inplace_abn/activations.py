@@ -33,14 +33,13 @@ class Activation:
             return self.param > 0
         return True
 
-    def forward(self, y: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``z = act(y)``; ``inplace=True`` overwrites ``y`` (autograd then keeps ``z`` instead of ``y``)."""
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self.name == "leaky_relu":
-            return F.leaky_relu(y, self.param, inplace=inplace)
+            return F.leaky_relu(y, self.param)
         if self.name == "elu":
-            return F.elu(y, self.param, inplace=inplace)
+            return F.elu(y, self.param)
         if self.name == "relu":
-            return F.relu(y, inplace=inplace)
+            return F.relu(y)
         return y
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:

@@ -159,8 +159,9 @@ def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, ac
     scale = _EffectiveScale.apply(weight, eps) if weight is not None else None
     with torch.autocast(x.device.type, enabled=False):
         y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
-    # y is fresh: activate it in place, so that autograd keeps the activation output rather than y.
-    return activation.forward(y, inplace=True)
+    # Out of place, as BatchNorm + activation: ABN is the safe layer where the output is later
+    # modified in place (an in-place activation would have autograd keep the output).
+    return activation.forward(y)
 
 
 def batch_norm_act(
