@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) benchmarks/cpu_layer.py
+	$(VENV)/bin/inplace-abn demo
 
 test: setup
 	$(PY) -m pytest -q

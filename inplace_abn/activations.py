@@ -7,6 +7,7 @@ Every backend is held against these definitions (METHOD.md section 3). An activa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -68,6 +69,11 @@ def make_activation(name: str, param: float = 0.0) -> Activation:
     """Validate ``name`` and ``param`` and return the :class:`Activation`; raises a clear ``ValueError``."""
     if not isinstance(name, str):
         raise TypeError(f"activation must be a string, one of {ACTIVATIONS}; got {type(name).__name__}")
+    return _make_activation(name, param)
+
+
+@functools.lru_cache(maxsize=64)  # layers call this on every forward
+def _make_activation(name: str, param) -> Activation:
     canonical = _ALIASES.get(name.lower(), name.lower())
     if canonical not in ACTIVATIONS:
         raise ValueError(

@@ -33,8 +33,9 @@ class _EffectiveScale(torch.autograd.Function):
         return torch.where(weight >= 0, grad, -grad), None
 
 
-def _sign(weight: Tensor) -> Tensor:
-    return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+def _times_sign(value: Tensor, weight: Tensor) -> Tensor:
+    """``value * sign(weight)`` with ``sign(0) = +1``."""
+    return torch.where(weight >= 0, value, -value)
 
 
 class InPlaceABNFunction(torch.autograd.Function):
@@ -93,7 +94,7 @@ class InPlaceABNFunction(torch.autograd.Function):
             sum_dy, sum_dy_xhat = grad_bias_local, grad_weight_local
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (sum_dy_xhat * _sign(weight)).to(weight.dtype)
+            grad_weight = _times_sign(sum_dy_xhat, weight).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(bias.dtype)
         return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
@@ -149,10 +150,11 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
         # graph). A copy makes the input an intermediate. Under compile, AOTAutograd functionalizes
         # the graph and picks what to save anyway; Inductor fuses the copy into the kernel.
         x = x.clone()
-    with torch.autocast(x.device.type, enabled=False):
-        return InPlaceABNFunction.apply(
-            x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group
-        )
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group)
+    if not torch.is_autocast_enabled(x.device.type):
+        return InPlaceABNFunction.apply(*args)
+    with torch.autocast(x.device.type, enabled=False):  # computes in float32 itself
+        return InPlaceABNFunction.apply(*args)
 
 
 def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation):
