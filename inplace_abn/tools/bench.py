@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import build, network_names, norm_act
+from ..training.memory import SavedTensorMeter, reset_resident_peak, resident_bytes
 
 GIB = 1024**3
 MIB = 1024**2
@@ -96,28 +97,6 @@ class VariantResult:
 # Memory probes
 
 
-def _resident_bytes(field: str = "VmRSS") -> Optional[int]:
-    """This process's resident memory (``VmRSS``) or its peak (``VmHWM``), from /proc (Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_resident_peak() -> bool:
-    """Restart ``VmHWM`` from the current resident size (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _return_freed_memory_to_os() -> None:
     """Give freed heap memory back to the OS (glibc), and have large blocks given back as soon as they
     are freed, so that the resident size follows the live tensors: otherwise a step's peak can hide
@@ -134,19 +113,10 @@ def _return_freed_memory_to_os() -> None:
 
 def saved_tensor_bytes(model, images) -> int:
     """Bytes of the distinct storages the forward pass keeps for backward, parameters excluded."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedTensorMeter(model.parameters()) as meter:
         out = model(images)
     del out
-    return sum(storages.values())
+    return meter.bytes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,8 +251,8 @@ def _measure_variant(variant, case, num_classes, device, steps, warmup, progress
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _return_freed_memory_to_os()
-        resting = _resident_bytes()
-        peak_reset = _reset_resident_peak()
+        resting = resident_bytes()
+        peak_reset = reset_resident_peak()
     times = []
     for index in range(steps):
         progress(f"  {variant.label}: step {index + 1}/{steps}")
@@ -295,7 +265,7 @@ def _measure_variant(variant, case, num_classes, device, steps, warmup, progress
         result.peak_total_bytes = torch.cuda.max_memory_allocated(device)
         result.peak_step_bytes = result.peak_total_bytes - resting
     else:
-        result.peak_total_bytes = _resident_bytes("VmHWM")
+        result.peak_total_bytes = resident_bytes("VmHWM")
         if peak_reset and resting is not None and result.peak_total_bytes is not None:
             result.peak_step_bytes = result.peak_total_bytes - resting
 
