@@ -69,6 +69,8 @@ def make_activation(name: str, param: float = 0.0) -> Activation:
     """Validate ``name`` and ``param`` and return the :class:`Activation`; raises a clear ``ValueError``."""
     if not isinstance(name, str):
         raise TypeError(f"activation must be a string, one of {ACTIVATIONS}; got {type(name).__name__}")
+    if torch.compiler.is_compiling():  # traced once by torch.compile: no cache (Dynamo warns about one)
+        return _make_activation.__wrapped__(name, param)
     return _make_activation(name, param)
 
 
