@@ -21,6 +21,10 @@ COMMANDS = {
 }
 
 
+#: what the tools import beyond torch (the ``train`` extra)
+OPTIONAL_PACKAGES = {"numpy", "PIL", "tqdm", "matplotlib"}
+
+
 def _load(command: str):
     return importlib.import_module(f"inplace_abn.tools.{COMMANDS[command][0]}")
 
@@ -49,7 +53,18 @@ def main(argv=None) -> int:
     module = available[args.command]
     if module is None:
         _load(args.command)  # raises the ModuleNotFoundError that names the missing package
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in OPTIONAL_PACKAGES:
+            raise
+        print(
+            f"inplace-abn {args.command}: needs the optional package {package!r}, which is not installed. "
+            "Install the tools' extras: pip install 'inplace-abn-next[train]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":
