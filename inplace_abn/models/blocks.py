@@ -4,6 +4,7 @@ backbone base class, and the stride-to-dilation schedule for dense prediction.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -21,6 +22,16 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int 
 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def imagenet_stem(in_channels: int, channels: int, norm_act) -> "OrderedDict[str, nn.Module]":
+    """The stride-4 stem of ResNet and DenseNet: 7x7 conv (stride 2), norm_act, 3x3 max-pool (stride 2).
+    In place is safe: the pool only reads the norm's output."""
+    return OrderedDict(
+        stem_conv=nn.Conv2d(in_channels, channels, 7, stride=2, padding=3, bias=False),
+        stem_norm_act=norm_act(channels),
+        stem_pool=nn.MaxPool2d(3, stride=2, padding=1),
+    )
 
 
 def scaled_channels(channels: int, width_multiplier: float, divisor: int = 1) -> int:

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .blocks import Backbone, NormAct, conv1x1, conv3x3, scaled_channels, stride_schedule
+from .blocks import Backbone, NormAct, conv1x1, conv3x3, imagenet_stem, scaled_channels, stride_schedule
 from .norm_act import DEFAULT_NORM_ACT
 
 __all__ = ["DenseNet", "densenet121", "densenet169", "densenet201", "densenet264"]
@@ -80,11 +79,7 @@ class DenseNet(Backbone):
         norm_act = DEFAULT_NORM_ACT if norm_act is None else norm_act
         growth_rate = scaled_channels(growth_rate, width_multiplier)
         stem_channels = 2 * growth_rate
-        layers = OrderedDict(
-            stem_conv=nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False),
-            stem_norm_act=norm_act(stem_channels),
-            stem_pool=nn.MaxPool2d(3, stride=2, padding=1),
-        )
+        layers = imagenet_stem(in_channels, stem_channels, norm_act)
         # The transition before block i+1 carries block i+1's stride.
         schedule = stride_schedule([1, 2, 2, 2], output_stride, initial_stride=4)
         channels = stem_channels

@@ -3,12 +3,11 @@ InPlace-ABN in place, with a builder per depth on one constructor."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 from torch import nn
 
-from .blocks import Backbone, NormAct, PreActivationBlock, scaled_channels, stride_schedule
+from .blocks import Backbone, NormAct, PreActivationBlock, imagenet_stem, scaled_channels, stride_schedule
 from .norm_act import DEFAULT_NORM_ACT
 
 __all__ = [
@@ -37,11 +36,7 @@ class ResNet(Backbone):
                  width_multiplier: float = 1.0, in_channels: int = 3, dropout: float = 0.0):
         norm_act = DEFAULT_NORM_ACT if norm_act is None else norm_act
         stem_channels = scaled_channels(64, width_multiplier)
-        layers = OrderedDict(
-            stem_conv=nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False),
-            stem_norm_act=norm_act(stem_channels),
-            stem_pool=nn.MaxPool2d(3, stride=2, padding=1),
-        )
+        layers = imagenet_stem(in_channels, stem_channels, norm_act)
         schedule = stride_schedule([1, 2, 2, 2], output_stride, initial_stride=4)
         channels_in = stem_channels
         for index, (num_blocks, (stride, dilation)) in enumerate(zip(blocks_per_stage, schedule)):
