@@ -15,3 +15,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _compiled_backend_compiles():
+    """A failed Inductor compilation makes the compiled backend fall back to eager with a warning;
+    in the tests it is an error, or the compiled-backend tests would silently test eager."""
+    yield
+    from inplace_abn.backends import compiled
+
+    assert not compiled._broken, f"the compiled backend fell back to eager: {compiled._broken}"

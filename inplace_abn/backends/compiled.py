@@ -1,18 +1,23 @@
-"""The eager math compiled by ``torch.compile`` (Inductor: C++/OpenMP on CPU), fused to the fewest passes.
+"""The eager math compiled by Inductor (C++/OpenMP on CPU), fused to the fewest passes.
 
 Forward training becomes one Welford reduction over ``x`` and one elementwise pass that writes ``z``
 over ``x``; backward one pass for both sums and one that writes ``dx`` (METHOD.md section 5).
-Compiled functions are cached per (function, activation, eps, dtype, rank) and compiled with dynamic
-shapes, so a network's many layer shapes share one compilation. Each cache entry gets its own copy of
-the function's code object, because ``torch.compile`` keeps its recompilation budget per code object.
+
+Each function of :mod:`.eager` is traced once per *signature* (dtypes, rank, memory layout, which
+dims are 1, and the non-tensor arguments: eps, activation, ...) into an FX graph with symbolic
+sizes, and compiled by ``torch._inductor.standalone_compile``. The compiled graph is then called
+directly: no Dynamo frame evaluation, guards or recompilation checks on the hot path, which cost
+more than the kernels themselves on small layers. Because nothing guards the call, the cache key
+carries everything a graph was specialized on, and inputs whose layout is neither contiguous nor
+channels_last run the eager math instead.
 """
 
 from __future__ import annotations
 
 import functools
 import shutil
-import types
 import warnings
+from typing import Callable, Optional
 
 import torch
 
@@ -21,50 +26,95 @@ from . import eager
 _cache: dict = {}
 _broken: list[str] = []  # set once compilation failed: every later call takes the eager path
 
+# Sizes of the example tensors a graph is traced with: distinct, so that no two dims share a size
+# symbol (a graph traced with H == W would assume square inputs), and >= 2, so none is specialized.
+_TRACE_SIZES = (3, 5, 7, 11, 13)
+
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether Inductor can build CPU kernels here (it needs a C++ compiler)."""
+    """Whether Inductor can build CPU kernels here (it needs a C++ compiler) and this torch has
+    ``torch._inductor.standalone_compile``."""
     try:
-        from torch._inductor import cpp_builder
+        from torch._inductor import cpp_builder, standalone_compile  # noqa: F401
 
         compiler = cpp_builder.get_cpp_compiler()
-    except Exception:  # no compiler found, or an Inductor without cpp_builder
+    except Exception:  # no compiler found, or an older Inductor
         return False
     return shutil.which(compiler) is not None
 
 
-def _compiled(fn, x: torch.Tensor, **constants):
-    key = (fn.__name__, x.dtype, x.dim(), tuple(sorted(constants.items())))
+def _layout(t: torch.Tensor) -> Optional[str]:
+    """The memory layouts the graphs are built for; ``None`` for any other."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return None
+
+
+def _example(t: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A tensor to trace with, standing for the argument ``t`` of a call whose input is ``x``."""
+    sizes = [1 if size == 1 else _TRACE_SIZES[dim] for dim, size in enumerate(x.shape)]
+    if t.dim() == x.dim():  # full-size (x, z, grad_z)
+        if layout == "channels_last":
+            fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+            return torch.zeros(sizes, dtype=t.dtype).to(memory_format=fmt)
+        return torch.zeros(sizes, dtype=t.dtype)
+    return torch.ones(sizes[1] if t.dim() else (), dtype=t.dtype)  # per channel, or a scalar
+
+
+def _compile(fn: Callable, args: tuple, x: torch.Tensor, layout: str) -> Callable:
+    """Trace ``fn`` with the tensors of ``args`` symbolic and everything else fixed, and compile it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    positions = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
+
+    def graph(*tensors):
+        full = list(args)
+        for i, tensor in zip(positions, tensors):
+            full[i] = tensor
+        out = fn(*full)
+        return () if out is None else out
+
+    examples = [_example(args[i], x, layout) for i in positions]
+    module = make_fx(graph, tracing_mode="symbolic")(*examples)
+    return torch._inductor.standalone_compile(module, examples, dynamic_shapes="from_graph")
+
+
+def _signature(args: tuple) -> tuple:
+    return tuple((arg.dtype, arg.dim()) if isinstance(arg, torch.Tensor) else arg for arg in args)
+
+
+def _run(fn: Callable, *args):
+    x = args[0]
+    layout = _layout(x)
+    if _broken or layout is None or x.numel() == 0:
+        return fn(*args)
+    for arg in args[1:]:
+        if isinstance(arg, torch.Tensor):
+            if arg.dim() == x.dim() and _layout(arg) != layout:
+                return fn(*args)
+            if arg.dim() == 1 and not arg.is_contiguous():  # a strided view of per-channel values
+                return fn(*args)
+    key = (fn.__name__, layout, tuple(size == 1 for size in x.shape), _signature(args))
     compiled = _cache.get(key)
     if compiled is None:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_cache)}")
-        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        compiled = torch.compile(clone, dynamic=True)
-        _cache[key] = compiled
-    return compiled
-
-
-def _plain(value):
-    # torch.compile takes the shapes of nn.Parameters as static: a Parameter argument would fix the
-    # channel count and recompile for every layer width. A detached tensor is an ordinary input.
-    return value.detach() if isinstance(value, torch.nn.Parameter) else value
-
-
-def _run(fn, x, *args, **constants):
-    if _broken:
-        return fn(x, *args, **constants)
-    args = tuple(_plain(arg) for arg in args)
-    try:
-        return _compiled(fn, x, **constants)(x, *args, **constants)
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        _broken.append(str(error))
-        warnings.warn(
-            f"inplace_abn: torch.compile failed ({type(error).__name__}); falling back to the eager "
-            "backend for the rest of this process. Set INPLACE_ABN_BACKEND=eager to silence this.",
-            RuntimeWarning,
-        )
-        return fn(x, *args, **constants)
+        try:
+            compiled = _cache[key] = _compile(fn, args, x, layout)
+        except Exception as error:  # any compiler failure: never fail the training step for it
+            _broken.append(repr(error))
+            warnings.warn(
+                f"inplace_abn: compiling the fused CPU kernels failed ({type(error).__name__}: {error}); "
+                "falling back to the eager backend for the rest of this process. "
+                "Set INPLACE_ABN_BACKEND=eager to silence this.",
+                RuntimeWarning,
+            )
+            return fn(*args)
+    out = compiled(*[arg.detach() for arg in args if isinstance(arg, torch.Tensor)])
+    return tuple(out) if out else None
 
 
 def batch_stats(x):
@@ -72,22 +122,20 @@ def batch_stats(x):
 
 
 def normalize_activate_(x, mean, var, weight, bias, eps, activation):
-    _run(eager.normalize_activate_, x, mean, var, weight, bias, eps=eps, activation=activation)
+    _run(eager.normalize_activate_, x, mean, var, weight, bias, eps, activation)
 
 
 def forward_train_(x, weight, bias, eps, activation):
-    return _run(eager.forward_train_, x, weight, bias, eps=eps, activation=activation)
+    return _run(eager.forward_train_, x, weight, bias, eps, activation)
 
 
 def backward_reduce(z, grad_z, weight, bias, eps, activation):
-    return _run(eager.backward_reduce, z, grad_z, weight, bias, eps=eps, activation=activation)
+    return _run(eager.backward_reduce, z, grad_z, weight, bias, eps, activation)
 
 
 def backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation):
-    return _run(
-        eager.backward_apply, z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps=eps, activation=activation
-    )
+    return _run(eager.backward_apply, z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
 
 
 def backward(z, grad_z, var, weight, bias, eps, activation, training):
-    return _run(eager.backward, z, grad_z, var, weight, bias, eps=eps, activation=activation, training=training)
+    return _run(eager.backward, z, grad_z, var, weight, bias, eps, activation, training)

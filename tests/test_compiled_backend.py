@@ -1,0 +1,74 @@
+"""The compiled backend's own graph cache: graphs are called without guards, so every shape and layout
+that shares a graph must still get the eager math's results (held against float64 eager)."""
+
+import pytest
+import torch
+
+from inplace_abn.activations import make_activation
+from inplace_abn.backends import compiled, eager
+
+LEAKY = make_activation("leaky_relu", 0.1)
+
+
+def _params(channels):
+    weight = torch.empty(channels).uniform_(-1.5, 1.5)
+    return weight, torch.randn(channels)
+
+
+def _check_forward_backward(x):
+    """forward_train_ and backward of the compiled backend against float64 eager, on ``x``'s layout."""
+    weight, bias = _params(x.shape[1])
+    grad = torch.randn_like(x)
+    z, z64 = x.clone(), x.double()
+    mean, var = compiled.forward_train_(z, weight, bias, 1e-5, LEAKY)
+    mean64, var64 = eager.forward_train_(z64, weight.double(), bias.double(), 1e-5, LEAKY)
+    torch.testing.assert_close(z.double(), z64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.double(), var64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean.double(), mean64, atol=1e-5, rtol=1e-5)
+    assert z.stride() == x.stride()
+    dx, sum_dy, sum_dy_xhat = compiled.backward(z, grad, var, weight, bias, 1e-5, LEAKY, True)
+    ref = eager.backward(z64, grad.double(), var64, weight.double(), bias.double(), 1e-5, LEAKY, True)
+    for ours, expected in zip((dx, sum_dy, sum_dy_xhat), ref):
+        torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4)
+    assert dx.stride() == x.stride()
+
+
+def test_one_graph_serves_every_shape_of_a_rank():
+    # Non-square, N == C, odd sizes: a graph that had assumed H == W or N == C would be wrong here.
+    shapes = [(4, 6, 5, 5), (4, 6, 5, 9), (6, 6, 3, 2), (2, 3, 17, 4), (5, 8, 2, 2)]
+    _check_forward_backward(torch.randn(shapes[0]) * 2 + 1)
+    compiled_before = len(compiled._cache)
+    for shape in shapes[1:]:
+        _check_forward_backward(torch.randn(shape) * 2 + 1)
+    assert len(compiled._cache) == compiled_before, "same rank, dtype and layout must reuse the graphs"
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 4, 3), (3, 6, 1, 1), (5, 1, 2, 3), (9, 4)])
+def test_dims_of_size_one(shape):
+    _check_forward_backward(torch.randn(shape) * 2 + 1)
+
+
+def test_channels_last_and_odd_layouts():
+    x = (torch.randn(3, 6, 5, 4) * 2 + 1).to(memory_format=torch.channels_last)
+    _check_forward_backward(x)
+    # A layout with no graph (here a transposed view) runs the eager math on the same memory.
+    base = torch.randn(3, 6, 4, 5) * 2 + 1
+    _check_forward_backward(base.transpose(2, 3))
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(compiled, "_compile", broken)
+    monkeypatch.setattr(compiled, "_cache", {})
+    monkeypatch.setattr(compiled, "_broken", [])
+    x = torch.randn(4, 3, 2, 2)
+    weight, bias = _params(3)
+    z, z_eager = x.clone(), x.clone()
+    with pytest.warns(RuntimeWarning, match="no compiler today.*falling back to the eager backend"):
+        mean, var = compiled.forward_train_(z, weight, bias, 1e-5, LEAKY)
+    expected = eager.forward_train_(z_eager, weight, bias, 1e-5, LEAKY)
+    torch.testing.assert_close(z, z_eager)
+    torch.testing.assert_close((mean, var), expected)
+    assert compiled._broken
