@@ -72,3 +72,27 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     torch.testing.assert_close(z, z_eager)
     torch.testing.assert_close((mean, var), expected)
     assert compiled._broken
+
+
+def test_split_passes_of_the_synchronized_path():
+    """batch_stats, normalize_activate_, backward_reduce and backward_apply: the passes that
+    InPlaceABNSync runs with collectives in between."""
+    x = torch.randn(4, 5, 3, 6) * 2 + 1
+    weight, bias = _params(5)
+    grad = torch.randn_like(x)
+    for ours, expected in zip(compiled.batch_stats(x), eager.batch_stats(x.double())):
+        torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
+    mean, var = eager.batch_stats(x)
+    z, z64 = x.clone(), x.double()
+    assert compiled.normalize_activate_(z, mean, var, weight, bias, 1e-5, LEAKY) is None
+    eager.normalize_activate_(z64, mean.double(), var.double(), weight.double(), bias.double(), 1e-5, LEAKY)
+    torch.testing.assert_close(z.double(), z64, atol=1e-5, rtol=1e-5)
+    sums = compiled.backward_reduce(z, grad, weight, bias, 1e-5, LEAKY)
+    sums64 = eager.backward_reduce(z64, grad.double(), weight.double(), bias.double(), 1e-5, LEAKY)
+    for ours, expected in zip(sums, sums64):
+        torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4)
+    count = x.numel() // x.shape[1]
+    dx = compiled.backward_apply(z, grad, var, weight, bias, *sums, count, 1e-5, LEAKY)
+    dx64 = eager.backward_apply(z64, grad.double(), var.double(), weight.double(), bias.double(),
+                                *(s.double() for s in sums), count, 1e-5, LEAKY)
+    torch.testing.assert_close(dx.double(), dx64, atol=1e-4, rtol=1e-4)

@@ -319,10 +319,6 @@ def _check_compiled_backend(rank, world_size):
     _check_layer(synced, single, (3, 5), rank, (4, 3, 2), True, steps=1)
 
 
-@pytest.mark.skipif(
-    os.environ.get("INPLACE_ABN_SLOW_TESTS") != "1",
-    reason="builds Inductor kernels, a minute or more on 2 cores: set INPLACE_ABN_SLOW_TESTS=1",
-)
 def test_compiled_backend():
     # INPLACE_ABN_BACKEND=compiled: Inductor kernels for each rank's passes, the same collectives.
     _run(2, _check_compiled_backend, backend="compiled")

@@ -72,16 +72,29 @@ def _compile(fn: Callable, args: tuple, x: torch.Tensor, layout: str) -> Callabl
 
     positions = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
 
+    returns = []  # what fn returns: None, one tensor, or a tuple of tensors
+
     def graph(*tensors):
         full = list(args)
         for i, tensor in zip(positions, tensors):
             full[i] = tensor
         out = fn(*full)
-        return () if out is None else out
+        returns.append(type(out))
+        return (out,) if isinstance(out, torch.Tensor) else () if out is None else tuple(out)
 
     examples = [_example(args[i], x, layout) for i in positions]
-    module = make_fx(graph, tracing_mode="symbolic")(*examples)
-    return torch._inductor.standalone_compile(module, examples, dynamic_shapes="from_graph")
+    with warnings.catch_warnings():  # torch's own deprecation notices from its internals
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        module = make_fx(graph, tracing_mode="symbolic")(*examples)
+        artifact = torch._inductor.standalone_compile(module, examples, dynamic_shapes="from_graph")
+    kind = returns[0]
+
+    def call(*tensors):
+        out = artifact(*tensors)
+        return None if kind is type(None) else out[0] if issubclass(kind, torch.Tensor) else tuple(out)
+
+    return call
 
 
 def _signature(args: tuple) -> tuple:
@@ -113,8 +126,7 @@ def _run(fn: Callable, *args):
                 RuntimeWarning,
             )
             return fn(*args)
-    out = compiled(*[arg.detach() for arg in args if isinstance(arg, torch.Tensor)])
-    return tuple(out) if out else None
+    return compiled(*[arg.detach() for arg in args if isinstance(arg, torch.Tensor)])
 
 
 def batch_stats(x):
