@@ -46,11 +46,11 @@ class Activation:
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """``y`` from ``z = act(y)``; only for invertible activations."""
         if self.name == "leaky_relu":
-            return torch.where(z >= 0, z, z / self.param)
+            return torch.where(z >= 0, z, z * (1.0 / self.param))  # a product is cheaper than a quotient
         if self.name == "elu":
             # exp(y) - 1 rounds to -1 for y far below zero: clamp so the log stays finite.
             # Such elements have a (numerically) zero gradient dy; only their xhat is approximate.
-            ratio = torch.clamp_min(z / self.param, -1.0 + torch.finfo(z.dtype).eps)
+            ratio = torch.clamp_min(z * (1.0 / self.param), -1.0 + torch.finfo(z.dtype).eps)
             return torch.where(z >= 0, z, torch.log1p(ratio))
         return z
 

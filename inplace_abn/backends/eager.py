@@ -4,8 +4,8 @@ Every function works per channel (dim 1) on inputs of rank 2 to 5, in any layout
 float32 (float64 for float64 inputs) whatever the storage dtype. Names follow METHOD.md: ``y`` is the
 affine output, ``z = act(y)`` the layer output, ``xhat`` the normalized input.
 
-Transient memory: these ops materialise float32 temporaries of the full size (``y``, ``dy``,
-``xhat``); the compiled and Triton backends fuse them away and allocate nothing full-size but ``dx``.
+Transient memory: these ops materialise float32 temporaries of the full size (``x - mean``, ``y``,
+``dy``); the compiled and Triton backends fuse them away and allocate nothing full-size but ``dx``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,16 @@ def _scale_and_bias(weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor,
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x``, in the compute dtype."""
-    var, mean = torch.var_mean(x.to(compute_dtype(x)), dim=_reduce_dims(x), correction=0)
+    """Per-channel mean and biased variance of ``x``, in the compute dtype.
+
+    Two passes, the mean and then the mean squared deviation from it, as ATen's CPU BatchNorm: as
+    exact as Welford's update, and compiled it runs at memory speed where Welford's dependent
+    updates are latency-bound (twice as slow).
+    """
+    xc = x.to(compute_dtype(x))
+    dims = _reduce_dims(x)
+    mean = xc.mean(dims)
+    var = (xc - _per_channel(mean, x)).square().mean(dims)
     return mean, var
 
 
@@ -68,34 +76,42 @@ def forward_train_(x, weight, bias, eps: float, activation: Activation) -> tuple
     return mean, var
 
 
-def _grad_and_xhat(z, grad_z, weight, bias, eps: float, activation: Activation):
-    """Invert the activation and the affine step: ``dL/dy`` and ``xhat`` from the output alone."""
-    gamma, beta = _scale_and_bias(weight, bias, z, eps)
-    zc = z.to(gamma.dtype)
-    dy = activation.grad_input(zc, grad_z.to(gamma.dtype))
-    xhat = (activation.inverse(zc) - _per_channel(beta, z)) / _per_channel(gamma, z)
-    return dy, xhat, gamma
+def _grad_and_y(z, grad_z, activation: Activation, dtype: torch.dtype):
+    """Invert the activation: ``dL/dy`` and ``y = gamma * xhat + b`` from the output alone."""
+    zc = z.to(dtype)
+    return activation.grad_input(zc, grad_z.to(dtype)), activation.inverse(zc)
 
 
 def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``: the two reductions of the backward pass."""
-    dy, xhat, _ = _grad_and_xhat(z, grad_z, weight, bias, eps, activation)
+    """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``: the two reductions of the backward pass.
+
+    ``xhat = (y - b) / gamma``; the division by ``gamma`` is taken out of the sum, once per channel.
+    """
+    gamma, beta = _scale_and_bias(weight, bias, z, eps)
+    dy, y = _grad_and_y(z, grad_z, activation, gamma.dtype)
     dims = _reduce_dims(z)
-    return dy.sum(dims), (dy * xhat).sum(dims)
+    return dy.sum(dims), (dy * (y - _per_channel(beta, z))).sum(dims) / gamma
 
 
 def backward_apply(
     z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float, activation: Activation
 ) -> Tensor:
     """``dx`` from the two sums. ``count`` is the number of elements per channel the statistics came
-    from (global, when synchronized); ``None`` means eval mode, where statistics are constants."""
-    dy, xhat, gamma = _grad_and_xhat(z, grad_z, weight, bias, eps, activation)
+    from (global, when synchronized); ``None`` means eval mode, where statistics are constants.
+
+    ``dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat))`` with ``xhat = (y - b) / gamma`` is
+    ``scale * dy - y_coef * y + offset`` with per-channel coefficients: two multiply-adds per element.
+    """
+    gamma, beta = _scale_and_bias(weight, bias, z, eps)
+    dy, y = _grad_and_y(z, grad_z, activation, gamma.dtype)
     scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
     if count is None:
         return (dy * _per_channel(scale, z)).to(z.dtype)
-    mean_dy = _per_channel(sum_dy.to(gamma.dtype) / count, z)
-    mean_dy_xhat = _per_channel(sum_dy_xhat.to(gamma.dtype) / count, z)
-    return (_per_channel(scale, z) * (dy - mean_dy - xhat * mean_dy_xhat)).to(z.dtype)
+    mean_dy = sum_dy.to(gamma.dtype) / count
+    y_coef = scale * (sum_dy_xhat.to(gamma.dtype) / count) / gamma
+    offset = y_coef * beta - scale * mean_dy
+    dx = _per_channel(scale, z) * dy - _per_channel(y_coef, z) * y + _per_channel(offset, z)
+    return dx.to(z.dtype)
 
 
 def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool):
