@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, distributed
+from .backends import eager
 from .activations import Activation, make_activation, warn_not_invertible
 
 IDENTITY = Activation("identity")
@@ -50,27 +51,21 @@ class InPlaceABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group):
         backend = backends.select(x)
-        if training:
-            if group is None:
-                mean, var = backend.forward_train_(x, weight, bias, eps, activation)
-                count = x.numel() // x.shape[1]
-            else:  # count: the global count, a 0-dim tensor (reading it back would stall CUDA streams)
-                mean, var = backend.batch_stats(x)
-                mean, var, count = distributed.global_batch_stats(mean, var, x.numel() // x.shape[1], group)
-                backend.normalize_activate_(x, mean, var, weight, bias, eps, activation)
-        else:
-            mean, var, count = running_mean, running_var, 0
+        count = None
+        if not training:
+            var = running_var
+            backend.normalize_activate_(x, running_mean, running_var, weight, bias, eps, activation)
+        elif group is None:  # the running statistics are updated inside, in the same fused pass
+            _, var = backend.forward_train_(x, weight, bias, eps, activation, running_mean, running_var, momentum)
+        else:  # count: the global count, a 0-dim tensor (reading it back would stall CUDA streams)
+            mean, var = backend.batch_stats(x)
+            mean, var, count = distributed.global_batch_stats(mean, var, x.numel() // x.shape[1], group)
+            if running_mean is not None and running_var is not None:
+                eager.update_running_stats_(running_mean, running_var, mean, var, count, momentum)
             backend.normalize_activate_(x, mean, var, weight, bias, eps, activation)
         ctx.mark_dirty(x)
         ctx.training, ctx.eps, ctx.activation, ctx.group, ctx.count = training, eps, activation, group, count
         ctx.save_for_backward(x, var, weight, bias)
-        if training and running_mean is not None and running_var is not None:
-            if isinstance(count, Tensor):  # synchronized
-                unbiased_var = var * (count / (count - 1).clamp_min(1))
-            else:
-                unbiased_var = var * (count / max(count - 1, 1))
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
         return x
 
     @staticmethod

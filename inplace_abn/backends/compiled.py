@@ -137,8 +137,16 @@ def normalize_activate_(x, mean, var, weight, bias, eps, activation):
     _run(eager.normalize_activate_, x, mean, var, weight, bias, eps, activation)
 
 
-def forward_train_(x, weight, bias, eps, activation):
-    return _run(eager.forward_train_, x, weight, bias, eps, activation)
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype)
+
+
+def forward_train_(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0):
+    if running_mean is not None and running_var is not None:
+        # A graph input, not a constant: momentum=None (a cumulative average) changes it every step.
+        momentum = _scalar(float(momentum), running_mean.dtype)
+    return _run(eager.forward_train_, x, weight, bias, eps, activation, running_mean, running_var, momentum)
 
 
 def backward_reduce(z, grad_z, weight, bias, eps, activation):

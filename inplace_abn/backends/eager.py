@@ -69,9 +69,28 @@ def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Acti
     x.copy_(normalize_activate(x, mean, var, weight, bias, eps, activation))
 
 
-def forward_train_(x, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
-    """Batch statistics, then normalize + activate in place; returns (mean, biased var)."""
+def update_running_stats_(running_mean, running_var, mean, var, count, momentum) -> None:
+    """BatchNorm's update ``running += momentum * (batch - running)``, with the unbiased batch variance.
+
+    ``count``: elements per channel the statistics came from (an int, or a 0-dim tensor when
+    synchronized); ``momentum``: a float or a 0-dim tensor.
+    """
+    if isinstance(count, Tensor):
+        unbiased_var = var * (count / (count - 1).clamp_min(1))
+    else:
+        unbiased_var = var * (count / torch.sym_max(count - 1, 1))
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+
+
+def forward_train_(
+    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0
+) -> tuple[Tensor, Tensor]:
+    """Batch statistics, then normalize + activate in place; returns (mean, biased var). Given
+    running statistics, also updates them (:func:`update_running_stats_`)."""
     mean, var = batch_stats(x)
+    if running_mean is not None and running_var is not None:
+        update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     normalize_activate_(x, mean, var, weight, bias, eps, activation)
     return mean, var
 

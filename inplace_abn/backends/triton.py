@@ -575,13 +575,18 @@ def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Acti
         x.copy_(work)
 
 
-def forward_train_(x, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
-    """Batch statistics, then normalize + activate in place; returns (mean, biased var)."""
+def forward_train_(
+    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0
+) -> tuple[Tensor, Tensor]:
+    """Batch statistics, then normalize + activate in place; returns (mean, biased var). Given
+    running statistics, also updates them."""
     if _eager_only(x):
-        return eager.forward_train_(x, weight, bias, eps, activation)
+        return eager.forward_train_(x, weight, bias, eps, activation, running_mean, running_var, momentum)
     work, walk = _with_walk(x)
     with _device(x):
         mean, var = _launch_batch_stats(work, walk)
+        if running_mean is not None and running_var is not None:
+            eager.update_running_stats_(running_mean, running_var, mean, var, walk.count, momentum)
         _launch_normalize_activate(work, walk, mean, var, weight, bias, eps, activation)
     if work is not x:
         x.copy_(work)
