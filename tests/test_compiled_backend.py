@@ -96,3 +96,21 @@ def test_split_passes_of_the_synchronized_path():
     dx64 = eager.backward_apply(z64, grad.double(), var.double(), weight.double(), bias.double(),
                                 *(s.double() for s in sums), count, 1e-5, LEAKY)
     torch.testing.assert_close(dx.double(), dx64, atol=1e-4, rtol=1e-4)
+
+
+def test_momentum_none_does_not_recompile(monkeypatch):
+    """momentum=None (a cumulative average) changes the update factor every step: it is a graph
+    input, so the steps share one graph, and the running statistics still match BatchNorm's."""
+    from inplace_abn import InPlaceABN
+
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "compiled")
+    layer, reference = InPlaceABN(4, momentum=None), torch.nn.BatchNorm2d(4, momentum=None)
+    for step in range(4):
+        x = torch.randn(3, 4, 5, 2) * 2 + step
+        layer(x.clone())
+        reference(x)
+        if step == 0:
+            compiled_after_first_step = len(compiled._cache)
+    assert len(compiled._cache) == compiled_after_first_step
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
