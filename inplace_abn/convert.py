@@ -582,21 +582,15 @@ def saved_activation_bytes(model: nn.Module, sample_input: SampleInput) -> int:
     """Bytes autograd keeps for backward in one training-mode forward of ``model`` on ``sample_input``
     (a tensor or a tuple of inputs): the distinct storages of saved tensors, parameters and buffers not
     counted. The model's modes, running statistics and the random state are left as they were."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    storages: dict[int, int] = {}
+    from .training.memory import SavedTensorMeter
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own and storage.nbytes():
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+    meter = SavedTensorMeter([*model.parameters(), *model.buffers()])
     with _Preserved(model):
         model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with meter:
             output = model(*_copies(_as_tuple(sample_input)))
         del output  # kept alive until here, so no storage was freed and its address reused
-    return sum(storages.values())
+    return meter.bytes
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

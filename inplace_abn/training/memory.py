@@ -44,8 +44,8 @@ def return_freed_memory() -> None:
 
 
 class SavedTensorMeter:
-    """Counts the distinct storages autograd keeps for backward during a forward pass (parameters
-    excluded): the memory that InPlace-ABN reduces.
+    """Counts the distinct storages autograd keeps for backward during a forward pass (those of
+    ``parameters``, e.g. parameters and buffers, excluded): the memory that InPlace-ABN reduces.
 
         meter = SavedTensorMeter(model.parameters())
         with meter:
@@ -65,7 +65,7 @@ class SavedTensorMeter:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
-        if pointer not in self._parameters:
+        if pointer not in self._parameters and storage.nbytes():
             self._storages[pointer] = storage.nbytes()
         return tensor
 
