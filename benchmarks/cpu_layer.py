@@ -54,9 +54,10 @@ def _step(fn, leaf, grad):
     out.backward(grad)
 
 
-def bench_shape(shape, rounds: int, steps: int, warmup: int, progress) -> dict:
-    leaf = torch.randn(shape, requires_grad=True)
-    grad = torch.randn(shape)
+def bench_shape(shape, rounds: int, steps: int, warmup: int, progress, channels_last: bool = False) -> dict:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    leaf = torch.randn(shape).to(memory_format=fmt).requires_grad_()
+    grad = torch.randn(shape).to(memory_format=fmt)
     variants = _variants(shape[1])
     for name, fn in variants.items():
         progress(f"  warming up {name}")
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds; the table gives medians")
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (the compiled backend compiles then)")
+    parser.add_argument("--channels-last", action="store_true", help="inputs and gradients in channels_last")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,12 +100,13 @@ def main(argv=None) -> int:
     for text in args.shapes:
         shape = tuple(int(v) for v in text.lower().split("x"))
         progress(f"shape {text}")
-        medians = bench_shape(shape, args.rounds, args.steps, args.warmup, progress)
+        medians = bench_shape(shape, args.rounds, args.steps, args.warmup, progress, args.channels_last)
         results.append({"shape": text, "median_ms": medians,
                         "ratio_vs_batchnorm": {name: t / medians[baseline] for name, t in medians.items()}})
 
     names = list(results[0]["median_ms"])
-    print(f"\nforward + backward, training, float32, {args.threads} threads, median of {args.rounds} interleaved rounds "
+    layout = "channels_last" if args.channels_last else "contiguous (NCHW)"
+    print(f"\nforward + backward, training, float32, {layout}, {args.threads} threads, median of {args.rounds} interleaved rounds "
           f"x {args.steps} steps; torch {torch.__version__}, {platform.processor() or platform.machine()}, commit {_commit()}\n")
     print("| shape | " + " | ".join(names) + " | InPlaceABN (compiled) / BN+act |")
     print("|---|" + "---|" * (len(names) + 1))
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         cells = [f"{row['median_ms'][name]:.3f} ms" for name in names]
         print(f"| {row['shape']} | " + " | ".join(cells) + f" | **{row['ratio_vs_batchnorm']['InPlaceABN (compiled)']:.2f}** |")
     if args.json:
-        meta = {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds, "steps": args.steps, "commit": _commit()}
+        meta = {"torch": torch.__version__, "channels_last": args.channels_last, "threads": args.threads, "rounds": args.rounds, "steps": args.steps, "commit": _commit()}
         with open(args.json, "w") as handle:
             json.dump({"meta": meta, "results": results}, handle, indent=2)
     return 0
