@@ -114,3 +114,16 @@ def test_momentum_none_does_not_recompile(monkeypatch):
     assert len(compiled._cache) == compiled_after_first_step
     torch.testing.assert_close(layer.running_mean, reference.running_mean)
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def test_view_with_storage_offset_is_written_in_place():
+    base = torch.randn(5, 6, 4, 3) * 2 + 1
+    before = base.clone()
+    view = base[2:4]  # contiguous, but starts inside its storage
+    _check_forward_backward(view)  # on a copy; then in place on the view itself:
+    weight, bias = _params(6)
+    expected = view.double()
+    eager.forward_train_(expected, weight.double(), bias.double(), 1e-5, LEAKY)
+    compiled.forward_train_(view, weight, bias, 1e-5, LEAKY)
+    torch.testing.assert_close(base[2:4].double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(base[:2], before[:2]) and torch.equal(base[4:], before[4:])
