@@ -97,22 +97,28 @@ def _compile(fn: Callable, args: tuple, x: torch.Tensor, layout: str) -> Callabl
     return call
 
 
-def _signature(args: tuple) -> tuple:
-    return tuple((arg.dtype, arg.dim()) if isinstance(arg, torch.Tensor) else arg for arg in args)
+def _key(fn: Callable, args: tuple, layout: str) -> Optional[tuple]:
+    """What a graph for this call is specialized on; ``None`` when no graph fits the arguments."""
+    x = args[0]
+    key = [fn.__name__, layout, tuple(size == 1 for size in x.shape)]
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.dim() == x.dim() and arg is not x and _layout(arg) != layout:
+                return None
+            if arg.dim() == 1 and arg.stride(0) != 1 and arg.shape[0] > 1:  # strided per-channel values
+                return None
+            key.append((arg.dtype, arg.dim()))
+        else:
+            key.append(arg)
+    return tuple(key)
 
 
 def _run(fn: Callable, *args):
     x = args[0]
     layout = _layout(x)
-    if _broken or layout is None or x.numel() == 0:
+    key = None if _broken or layout is None or x.numel() == 0 else _key(fn, args, layout)
+    if key is None:
         return fn(*args)
-    for arg in args[1:]:
-        if isinstance(arg, torch.Tensor):
-            if arg.dim() == x.dim() and _layout(arg) != layout:
-                return fn(*args)
-            if arg.dim() == 1 and not arg.is_contiguous():  # a strided view of per-channel values
-                return fn(*args)
-    key = (fn.__name__, layout, tuple(size == 1 for size in x.shape), _signature(args))
     compiled = _cache.get(key)
     if compiled is None:
         try:
@@ -126,7 +132,11 @@ def _run(fn: Callable, *args):
                 RuntimeWarning,
             )
             return fn(*args)
-    return compiled(*[arg.detach() for arg in args if isinstance(arg, torch.Tensor)])
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    if torch.is_grad_enabled():  # called outside the autograd Function: record nothing
+        with torch.no_grad():
+            return compiled(*tensors)
+    return compiled(*tensors)
 
 
 def batch_stats(x):
