@@ -1,7 +1,9 @@
 """The eager math compiled by Inductor (C++/OpenMP on CPU), fused to the fewest passes.
 
-Forward training becomes one Welford reduction over ``x`` and one elementwise pass that writes ``z``
-over ``x``; backward one pass for both sums and one that writes ``dx`` (METHOD.md section 5).
+Forward training becomes one kernel: the mean and the variance (two reductions over ``x``), the
+running-statistics update, and one elementwise pass that writes ``z`` over ``x``. Backward is one
+pass for both sums and one that writes ``dx`` (METHOD.md section 5). Nothing full-size is allocated
+but ``dx``.
 
 Each function of :mod:`.eager` is traced once per *signature* (dtypes, rank, memory layout, which
 dims are 1, and the non-tensor arguments: eps, activation, ...) into an FX graph with symbolic
