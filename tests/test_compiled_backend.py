@@ -49,8 +49,10 @@ def test_dims_of_size_one(shape):
 
 
 def test_channels_last_and_odd_layouts():
-    x = (torch.randn(3, 6, 5, 4) * 2 + 1).to(memory_format=torch.channels_last)
-    _check_forward_backward(x)
+    # 6, 20 and 40 channels: channels_last kernels vectorize over C in blocks of 16, with a tail.
+    for shape in [(3, 6, 5, 4), (2, 20, 3, 5), (3, 40, 2, 3)]:
+        _check_forward_backward((torch.randn(shape) * 2 + 1).to(memory_format=torch.channels_last))
+    _check_forward_backward((torch.randn(2, 20, 3, 2, 4) * 2 + 1).to(memory_format=torch.channels_last_3d))
     # A layout with no graph (here a transposed view) runs the eager math on the same memory.
     base = torch.randn(3, 6, 4, 5) * 2 + 1
     _check_forward_backward(base.transpose(2, 3))
