@@ -69,30 +69,39 @@ class InPlaceABNFunction(torch.autograd.Function):
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z):
-        z, var, weight, bias = ctx.saved_tensors
-        backend = backends.select(z)
-        if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
-            grad_z = torch.empty_like(z).copy_(grad_z)
-        if ctx.group is None or not ctx.training:
-            dx, sum_dy, sum_dy_xhat = backend.backward(z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training)
-        else:
-            sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation)
-            grad_weight_local, grad_bias_local = sum_dy_xhat, sum_dy
-            sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
-            # Divided here by the global count (a tensor), so the backend sees count 1, a plain int.
-            dx = backend.backward_apply(
-                z, grad_z, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps, ctx.activation
-            )
-            # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
-            sum_dy, sum_dy_xhat = grad_bias_local, grad_weight_local
-        grad_weight = grad_bias = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = _times_sign(sum_dy_xhat, weight).to(weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(bias.dtype)
-        return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # backward(create_graph=True): results not differentiable again
+            return _backward_once_differentiable(ctx, grad_z)
+        return _backward(ctx, grad_z)  # the usual case: skips once_differentiable's wrapping (~12 µs)
+
+
+def _backward(ctx, grad_z):
+    """The backward of :class:`InPlaceABNFunction`: rebuilds what it needs from ``z`` alone."""
+    z, var, weight, bias = ctx.saved_tensors
+    backend = backends.select(z)
+    if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
+        grad_z = torch.empty_like(z).copy_(grad_z)
+    if ctx.group is None or not ctx.training:
+        dx, sum_dy, sum_dy_xhat = backend.backward(z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training)
+    else:
+        sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation)
+        grad_weight_local, grad_bias_local = sum_dy_xhat, sum_dy
+        sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
+        # Divided here by the global count (a tensor), so the backend sees count 1, a plain int.
+        dx = backend.backward_apply(
+            z, grad_z, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps, ctx.activation
+        )
+        # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
+        sum_dy, sum_dy_xhat = grad_bias_local, grad_weight_local
+    grad_weight = grad_bias = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = _times_sign(sum_dy_xhat, weight).to(weight.dtype)
+    if bias is not None and ctx.needs_input_grad[2]:
+        grad_bias = sum_dy.to(bias.dtype)
+    return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+_backward_once_differentiable = torch.autograd.function.once_differentiable(_backward)
 
 
 def _check(

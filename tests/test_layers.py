@@ -126,3 +126,20 @@ def test_weight_gradient_sign_of_zero_is_plus_one(monkeypatch):
     x_hat = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + layer.eps)
     expected = (grad * x_hat).sum(0) * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(layer.weight.grad, expected)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_create_graph_gives_first_order_gradients_and_refuses_the_second(monkeypatch, backend):
+    """backward(create_graph=True) (gradient penalties) works through the layer; differentiating
+    its gradients again raises instead of returning a silently wrong second derivative."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", backend)
+    layer = _layer(InPlaceABN, 3)
+    reference = ReferenceABN(layer, 4)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    # A loss whose gradient depends on x, so that the incoming gradient itself requires grad.
+    (dx,) = torch.autograd.grad(layer(x * 1).square().sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(reference(x_ref).square().sum(), x_ref)
+    torch.testing.assert_close(dx, expected)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
