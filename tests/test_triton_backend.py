@@ -133,6 +133,28 @@ def test_batch_stats_keep_the_variance_of_a_large_mean(device, layout):
     torch.testing.assert_close(var.double(), expected_var, atol=0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float16], ids=["fp32-stats", "fp16-stats"])
+@pytest.mark.parametrize("layout", ["rank2", "rank4", "rank4-cl"])
+def test_forward_train_updates_running_statistics_in_the_merge(device, layout, stats_dtype):
+    """The merge kernel's update equals eager.update_running_stats_ (unbiased variance, momentum,
+    e.g. the 1/3 of momentum=None at the third step); strided running statistics take the eager ops."""
+    x = _input(layout, device, torch.float32)
+    weight, bias = _affine(x.shape[1], device)
+    channels = x.shape[1]
+    for strided in (False, True):
+        storage = torch.rand(2 * channels, 2, device=device, dtype=stats_dtype) + 0.5
+        running_mean, running_var = (storage[:channels, 0], storage[channels:, 0]) if strided else (
+            storage[:channels, 0].contiguous(), storage[channels:, 0].contiguous())
+        expected_mean, expected_var = running_mean.double(), running_var.double()
+        expected = x.double()
+        eager.forward_train_(expected, *_double(weight, bias), EPS, ACTIVATIONS[0], expected_mean, expected_var, 1 / 3)
+        triton_backend.forward_train_(x.clone(), weight, bias, EPS, ACTIVATIONS[0], running_mean, running_var, 1 / 3)
+        tolerance = TOLERANCES[stats_dtype]
+        torch.testing.assert_close(running_mean.double(), expected_mean, **tolerance)
+        torch.testing.assert_close(running_var.double(), expected_var, **tolerance)
+        assert running_mean.dtype == stats_dtype
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=ACTIVATION_IDS)

@@ -198,10 +198,13 @@ def _batch_stats_partial_kernel(
 @triton.jit
 def _batch_stats_merge_kernel(
     shift_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr,
+    running_mean_ptr, running_var_ptr, momentum,
     C, SPLITS,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merge the per-split summaries of a block of channels (Chan) into the mean and biased variance."""
+    """Merge the per-split summaries of a block of channels (Chan) into the mean and biased variance;
+    with ``UPDATE_RUNNING``, also update the running statistics as ``eager.update_running_stats_``
+    (``running += momentum * (batch - running)``, unbiased variance), saving four small launches."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mean = tl.zeros((BLOCK_SPLITS, BLOCK_C), tl.float32)
     m2 = tl.zeros((BLOCK_SPLITS, BLOCK_C), tl.float32)
@@ -218,8 +221,17 @@ def _batch_stats_merge_kernel(
         )
     mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
     shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)
-    tl.store(mean_ptr + c, shift + mean, mask=c < C)
+    mean = shift + mean
+    tl.store(mean_ptr + c, mean, mask=c < C)
     tl.store(var_ptr + c, m2 / tl.maximum(count, 1.0), mask=c < C)
+    if UPDATE_RUNNING:
+        running_mean = tl.load(running_mean_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        running_var = tl.load(running_var_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+        running_mean += momentum * (mean - running_mean)
+        running_var += momentum * (unbiased_var - running_var)
+        tl.store(running_mean_ptr + c, running_mean.to(running_mean_ptr.dtype.element_ty), mask=c < C)
+        tl.store(running_var_ptr + c, running_var.to(running_var_ptr.dtype.element_ty), mask=c < C)
 
 
 @triton.jit
@@ -494,7 +506,9 @@ def _merge_grid(walk: _Walk, blocks: dict):
     return (triton.cdiv(walk.C, blocks["BLOCK_C"]),)
 
 
-def _launch_batch_stats(x: Tensor, walk: _Walk) -> tuple[Tensor, Tensor]:
+def _launch_batch_stats(x: Tensor, walk: _Walk, running_mean=None, running_var=None, momentum=0.0):
+    """(mean, biased var); updates ``running_mean`` / ``running_var`` in the same launch when given."""
+    update_running = running_mean is not None and running_var is not None
     splits = _num_splits(walk, x.device)
     part_mean, part_m2, part_count = torch.empty((3, splits, walk.C), device=x.device, dtype=torch.float32)
     shift, mean, var = (torch.empty(walk.C, device=x.device, dtype=torch.float32) for _ in range(3))
@@ -503,7 +517,9 @@ def _launch_batch_stats(x: Tensor, walk: _Walk) -> tuple[Tensor, Tensor]:
     )
     blocks = _merge_blocks(splits)
     _batch_stats_merge_kernel[_merge_grid(walk, blocks)](
-        shift, part_mean, part_m2, part_count, mean, var, walk.C, splits, **blocks
+        shift, part_mean, part_m2, part_count, mean, var,
+        running_mean if update_running else mean, running_var if update_running else var, float(momentum),
+        walk.C, splits, UPDATE_RUNNING=update_running, **blocks,
     )
     return mean, var
 
@@ -584,9 +600,13 @@ def forward_train_(
         return eager.forward_train_(x, weight, bias, eps, activation, running_mean, running_var, momentum)
     work, walk = _with_walk(x)
     with _device(x):
-        mean, var = _launch_batch_stats(work, walk)
-        if running_mean is not None and running_var is not None:
+        if running_mean is not None and running_var is not None and not (
+            running_mean.is_contiguous() and running_var.is_contiguous()
+        ):  # strided views (never the layers' buffers): updated by the eager ops instead
+            mean, var = _launch_batch_stats(work, walk)
             eager.update_running_stats_(running_mean, running_var, mean, var, walk.count, momentum)
+        else:
+            mean, var = _launch_batch_stats(work, walk, running_mean, running_var, momentum)
         _launch_normalize_activate(work, walk, mean, var, weight, bias, eps, activation)
     if work is not x:
         x.copy_(work)
