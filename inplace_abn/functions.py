@@ -34,11 +34,6 @@ class _EffectiveScale(torch.autograd.Function):
         return torch.where(weight >= 0, grad, -grad), None
 
 
-def _times_sign(value: Tensor, weight: Tensor) -> Tensor:
-    """``value * sign(weight)`` with ``sign(0) = +1``."""
-    return torch.where(weight >= 0, value, -value)
-
-
 class InPlaceABNFunction(torch.autograd.Function):
     """BatchNorm + invertible activation written over the input; saves only the output.
 
@@ -82,22 +77,22 @@ def _backward(ctx, grad_z):
     if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
         grad_z = torch.empty_like(z).copy_(grad_z)
     if ctx.group is None or not ctx.training:
-        dx, sum_dy, sum_dy_xhat = backend.backward(z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training)
+        dx, grad_weight, grad_bias = backend.backward(
+            z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training
+        )
     else:
         sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation)
-        grad_weight_local, grad_bias_local = sum_dy_xhat, sum_dy
+        # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
+        grad_weight, grad_bias = eager.param_grads(sum_dy, sum_dy_xhat, weight, bias)
         sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
         # Divided here by the global count (a tensor), so the backend sees count 1, a plain int.
         dx = backend.backward_apply(
             z, grad_z, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps, ctx.activation
         )
-        # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
-        sum_dy, sum_dy_xhat = grad_bias_local, grad_weight_local
-    grad_weight = grad_bias = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        grad_weight = _times_sign(sum_dy_xhat, weight).to(weight.dtype)
-    if bias is not None and ctx.needs_input_grad[2]:
-        grad_bias = sum_dy.to(bias.dtype)
+    if weight is None or not ctx.needs_input_grad[1]:
+        grad_weight = None
+    if bias is None or not ctx.needs_input_grad[2]:
+        grad_bias = None
     return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 

@@ -115,8 +115,9 @@ def test_gradcheck(monkeypatch, backend):
         assert torch.autograd.gradcheck(eval_layer, (x, weight, bias))
 
 
-def test_weight_gradient_sign_of_zero_is_plus_one(monkeypatch):
-    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_weight_gradient_sign_of_zero_is_plus_one(monkeypatch, backend):
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", backend)
     layer = InPlaceABN(3, activation="identity").double()
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.0, -0.5, 0.5], dtype=torch.float64))

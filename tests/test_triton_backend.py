@@ -209,15 +209,27 @@ def _backward_inputs(activation, layout, device, dtype, weight, bias):
 def test_backward(device, activation, layout, dtype, training):
     weight, bias = _affine(_shape(layout, device)[1], device)
     z, grad_z, var = _backward_inputs(activation, layout, device, dtype, weight, bias)
-    expected_dx, expected_sum_dy, expected_sum_dy_xhat = eager.backward(
+    expected_dx, expected_grad_weight, expected_grad_bias = eager.backward(
         *_double(z, grad_z, var, weight, bias), EPS, activation, training
     )
 
-    dx, sum_dy, sum_dy_xhat = triton_backend.backward(z, grad_z, var, weight, bias, EPS, activation, training)
+    dx, grad_weight, grad_bias = triton_backend.backward(z, grad_z, var, weight, bias, EPS, activation, training)
     assert dx.dtype == z.dtype and dx.stride() == z.stride()
+    assert grad_weight.dtype == weight.dtype and grad_bias.dtype == bias.dtype
     torch.testing.assert_close(dx.double(), expected_dx, **TOLERANCES[dtype])
-    _assert_sums_close(sum_dy, expected_sum_dy, _count(z))
-    _assert_sums_close(sum_dy_xhat, expected_sum_dy_xhat, _count(z))
+    _assert_sums_close(grad_weight, expected_grad_weight, _count(z))  # sign(w) * sum(dy * xhat)
+    _assert_sums_close(grad_bias, expected_grad_bias, _count(z))
+
+
+def test_weight_gradient_carries_sign_with_sign_of_zero_plus_one(device):
+    """The merge kernel writes dL/dw = sign(w) * sum(dy * xhat) with sign(0) = +1, in w's dtype."""
+    activation = ACTIVATIONS[0]
+    weight = torch.tensor([0.0, -0.7, 0.9], device=device)
+    bias = torch.zeros(3, device=device)
+    z, grad_z, var = _backward_inputs(activation, "rank4", device, torch.float32, weight, bias)
+    _, grad_weight, _ = triton_backend.backward(z, grad_z, var, weight, bias, EPS, activation, True)
+    sum_dy_xhat = eager.backward_reduce(*_double(z, grad_z, weight, bias), EPS, activation)[1]
+    _assert_sums_close(grad_weight, sum_dy_xhat * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64, device=device), _count(z))
 
 
 @pytest.mark.parametrize("layout", ["rank4", "rank4-cl"])
@@ -261,8 +273,9 @@ def test_without_affine(device, activation, layout, training):
     torch.testing.assert_close(x.double(), expected, **TOLERANCES[torch.float32])
 
     grad_z = torch.randn_like(x)
-    dx, sum_dy, sum_dy_xhat = triton_backend.backward(x, grad_z, var, None, None, EPS, activation, training)
-    expected_dx, expected_sum_dy, expected_sum_dy_xhat = eager.backward(
+    # Without parameters, the "gradients" are the raw sums: sum(dy * xhat) and sum(dy).
+    dx, sum_dy_xhat, sum_dy = triton_backend.backward(x, grad_z, var, None, None, EPS, activation, training)
+    expected_dx, expected_sum_dy_xhat, expected_sum_dy = eager.backward(
         *_double(x, grad_z, var), None, None, EPS, activation, training
     )
     torch.testing.assert_close(dx.double(), expected_dx, **TOLERANCES[torch.float32])
@@ -291,12 +304,13 @@ def test_strided_input_is_processed_on_a_copy_and_written_back(device):
     # Backward from a strided z and a channels-last gradient.
     var = torch.rand(3, device=device) + 0.5
     grad_z = torch.randn(x.shape, device=device).contiguous(memory_format=torch.channels_last)
-    dx, sum_dy, sum_dy_xhat = triton_backend.backward(x, grad_z, var, weight, bias, EPS, activation, True)
-    expected_dx, expected_sum_dy, expected_sum_dy_xhat = eager.backward(
+    dx, grad_weight, grad_bias = triton_backend.backward(x, grad_z, var, weight, bias, EPS, activation, True)
+    expected_dx, expected_grad_weight, expected_grad_bias = eager.backward(
         *_double(x, grad_z, var, weight, bias), EPS, activation, True
     )
     torch.testing.assert_close(dx.double(), expected_dx, **TOLERANCES[torch.float32])
-    _assert_sums_close(sum_dy, expected_sum_dy, _count(x))
+    _assert_sums_close(grad_weight, expected_grad_weight, _count(x))
+    _assert_sums_close(grad_bias, expected_grad_bias, _count(x))
 
 
 def test_gradient_in_another_layout_than_the_output(device):

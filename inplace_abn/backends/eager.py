@@ -133,9 +133,20 @@ def backward_apply(
     return dx.to(z.dtype)
 
 
+def param_grads(sum_dy, sum_dy_xhat, weight, bias) -> tuple[Tensor, Tensor]:
+    """``weight`` and ``bias`` gradients from the two sums, in their dtypes. The scale is ``|w| + eps``,
+    so ``dL/dw = sign(w) * sum(dy * xhat)`` with ``sign(0) = +1`` (``abs``'s gradient would be 0
+    there). Without a weight (bias) the raw sum is returned."""
+    grad_weight = sum_dy_xhat
+    if weight is not None:
+        grad_weight = torch.where(weight >= 0, sum_dy_xhat, -sum_dy_xhat).to(weight.dtype)
+    grad_bias = sum_dy if bias is None else sum_dy.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
 def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool):
-    """The whole backward on one process: returns ``(dx, sum_dy, sum_dy_xhat)``."""
+    """The whole backward on one process: returns ``(dx, grad_weight, grad_bias)`` (:func:`param_grads`)."""
     sum_dy, sum_dy_xhat = backward_reduce(z, grad_z, weight, bias, eps, activation)
     count = z.numel() // z.shape[1] if training else None
     dx = backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
-    return dx, sum_dy, sum_dy_xhat
+    return (dx, *param_grads(sum_dy, sum_dy_xhat, weight, bias))

@@ -295,11 +295,14 @@ def _backward_reduce_partial_kernel(
 
 @triton.jit
 def _backward_sums_merge_kernel(
-    part_dy_ptr, part_dy_xhat_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    part_dy_ptr, part_dy_xhat_ptr, sum_dy_ptr, sum_dy_xhat_ptr, w_ptr, grad_w_ptr, grad_b_ptr,
     C, SPLITS,
+    PARAM_GRADS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Add up the per-split backward sums of a block of channels."""
+    """Add up the per-split backward sums of a block of channels; with ``PARAM_GRADS``, also write
+    the parameter gradients as ``eager.param_grads`` (``sign(w) * sum(dy * xhat)``, ``sum(dy)``, in the
+    parameters' dtypes), saving the small launches that would compute them."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     sum_dy = tl.zeros((BLOCK_SPLITS, BLOCK_C), tl.float32)
     sum_dy_xhat = tl.zeros((BLOCK_SPLITS, BLOCK_C), tl.float32)
@@ -309,8 +312,17 @@ def _backward_sums_merge_kernel(
         part = row[:, None] * C + c[None, :]
         sum_dy += tl.load(part_dy_ptr + part, mask=mask, other=0.0)
         sum_dy_xhat += tl.load(part_dy_xhat_ptr + part, mask=mask, other=0.0)
-    tl.store(sum_dy_ptr + c, tl.sum(sum_dy, 0), mask=c < C)
-    tl.store(sum_dy_xhat_ptr + c, tl.sum(sum_dy_xhat, 0), mask=c < C)
+    sum_dy = tl.sum(sum_dy, 0)
+    sum_dy_xhat = tl.sum(sum_dy_xhat, 0)
+    tl.store(sum_dy_ptr + c, sum_dy, mask=c < C)
+    tl.store(sum_dy_xhat_ptr + c, sum_dy_xhat, mask=c < C)
+    if PARAM_GRADS:
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + c, mask=c < C, other=0.0)
+            grad_w = tl.where(w >= 0, sum_dy_xhat, -sum_dy_xhat)
+            tl.store(grad_w_ptr + c, grad_w.to(grad_w_ptr.dtype.element_ty), mask=c < C)
+        if HAS_BIAS:
+            tl.store(grad_b_ptr + c, sum_dy.to(grad_b_ptr.dtype.element_ty), mask=c < C)
 
 
 @triton.jit
@@ -532,8 +544,9 @@ def _launch_normalize_activate(x, walk, mean, var, weight, bias, eps, activation
     )
 
 
-def _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation, eval_dx=None, var=None):
-    """Both backward sums; with ``eval_dx`` (a tensor like ``z``) also writes the eval-mode ``dx``."""
+def _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation, eval_dx=None, var=None, param_grads=False):
+    """Both backward sums; with ``eval_dx`` (a tensor like ``z``) also writes the eval-mode ``dx``.
+    With ``param_grads``, returns ``(sum_dy, sum_dy_xhat, grad_weight, grad_bias)``."""
     splits = _num_splits(walk, z.device)
     part_dy, part_dy_xhat = torch.empty((2, splits, walk.C), device=z.device, dtype=torch.float32)
     w, b, has_weight, has_bias = _affine_args(z, weight, bias)
@@ -545,10 +558,15 @@ def _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation, eval
         CHANNELS_LAST=walk.channels_last,
     )
     sum_dy, sum_dy_xhat = (torch.empty(walk.C, device=z.device, dtype=torch.float32) for _ in range(2))
+    grad_weight = sum_dy_xhat if weight is None or not param_grads else w.new_empty(walk.C)
+    grad_bias = sum_dy if bias is None or not param_grads else b.new_empty(walk.C)
     blocks = _merge_blocks(splits)
     _backward_sums_merge_kernel[_merge_grid(walk, blocks)](
-        part_dy, part_dy_xhat, sum_dy, sum_dy_xhat, walk.C, splits, **blocks
+        part_dy, part_dy_xhat, sum_dy, sum_dy_xhat, w, grad_weight, grad_bias, walk.C, splits,
+        PARAM_GRADS=param_grads, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, **blocks,
     )
+    if param_grads:
+        return sum_dy, sum_dy_xhat, grad_weight, grad_bias
     return sum_dy, sum_dy_xhat
 
 
@@ -636,21 +654,24 @@ def backward_apply(
 
 
 def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool):
-    """The whole backward on one process: returns ``(dx, sum_dy, sum_dy_xhat)``. Two passes over
-    ``z`` and ``dz`` in training, one in eval mode."""
+    """The whole backward on one process: returns ``(dx, grad_weight, grad_bias)`` (as
+    ``eager.backward``). Two passes over ``z`` and ``dz`` in training, one in eval mode."""
     if _eager_only(z):
         return eager.backward(z, grad_z, var, weight, bias, eps, activation, training)
+    dx, _, _, grad_weight, grad_bias = _backward(z, grad_z, var, weight, bias, eps, activation, training, True)
+    return dx, grad_weight, grad_bias
+
+
+def _backward(z, grad_z, var, weight, bias, eps, activation, training, param_grads):
     z, walk = _with_walk(z)
     grad_z = _like(grad_z, z, walk)
     with _device(z):
         if not training:
             dx = torch.empty_like(z)
-            sum_dy, sum_dy_xhat = _launch_backward_reduce(
-                z, grad_z, walk, weight, bias, eps, activation, eval_dx=dx, var=var
+            sums = _launch_backward_reduce(
+                z, grad_z, walk, weight, bias, eps, activation, eval_dx=dx, var=var, param_grads=param_grads
             )
-            return dx, sum_dy, sum_dy_xhat
-        sum_dy, sum_dy_xhat = _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation)
-        dx = _launch_backward_dx(
-            z, grad_z, walk, var, weight, bias, sum_dy, sum_dy_xhat, walk.count, eps, activation
-        )
-        return dx, sum_dy, sum_dy_xhat
+            return (dx, *sums)
+        sums = _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation, param_grads=param_grads)
+        dx = _launch_backward_dx(z, grad_z, walk, var, weight, bias, sums[0], sums[1], walk.count, eps, activation)
+        return (dx, *sums)
