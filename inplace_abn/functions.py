@@ -31,7 +31,7 @@ class _EffectiveScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return torch.where(weight >= 0, grad, -grad), None
+        return eager.times_sign(grad, weight), None
 
 
 class InPlaceABNFunction(torch.autograd.Function):

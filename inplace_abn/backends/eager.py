@@ -133,13 +133,18 @@ def backward_apply(
     return dx.to(z.dtype)
 
 
+def times_sign(value: Tensor, weight: Tensor) -> Tensor:
+    """``value * sign(weight)`` with ``sign(0) = +1``: the gradient through the scale ``|w| + eps``."""
+    return torch.where(weight >= 0, value, -value)
+
+
 def param_grads(sum_dy, sum_dy_xhat, weight, bias) -> tuple[Tensor, Tensor]:
     """``weight`` and ``bias`` gradients from the two sums, in their dtypes. The scale is ``|w| + eps``,
     so ``dL/dw = sign(w) * sum(dy * xhat)`` with ``sign(0) = +1`` (``abs``'s gradient would be 0
     there). Without a weight (bias) the raw sum is returned."""
     grad_weight = sum_dy_xhat
     if weight is not None:
-        grad_weight = torch.where(weight >= 0, sum_dy_xhat, -sum_dy_xhat).to(weight.dtype)
+        grad_weight = times_sign(sum_dy_xhat, weight).to(weight.dtype)
     grad_bias = sum_dy if bias is None else sum_dy.to(bias.dtype)
     return grad_weight, grad_bias
 
