@@ -24,4 +24,5 @@ def _compiled_backend_compiles():
     yield
     from inplace_abn.backends import compiled
 
-    assert not compiled._broken, f"the compiled backend fell back to eager: {compiled._broken}"
+    if compiled.available():  # without a C++ compiler the fallback is the expected path
+        assert not compiled._broken, f"the compiled backend fell back to eager: {compiled._broken}"
