@@ -129,3 +129,12 @@ def test_view_with_storage_offset_is_written_in_place():
     compiled.forward_train_(view, weight, bias, 1e-5, LEAKY)
     torch.testing.assert_close(base[2:4].double(), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(base[:2], before[:2]) and torch.equal(base[4:], before[4:])
+
+
+def test_momentum_without_running_statistics_does_not_recompile():
+    x, (weight, bias) = torch.randn(4, 3, 5, 2), _params(3)
+    compiled.forward_train_(x.clone(), weight, bias, 1e-5, LEAKY, None, None, 0.1)
+    compiled_before = len(compiled._cache)
+    for momentum in (0.2, 0.5, 1 / 7):  # unused without running statistics
+        compiled.forward_train_(x.clone(), weight, bias, 1e-5, LEAKY, None, None, momentum)
+    assert len(compiled._cache) == compiled_before

@@ -99,6 +99,17 @@ def _count(x):
     return x.numel() // x.shape[1]
 
 
+def _backward_matches_eager(z, grad_z, var, weight, bias, activation, training, tolerance):
+    """``triton_backend.backward`` against float64 ``eager.backward``: ``dx``, then the weight and
+    bias gradients (without parameters, the raw sums ``sum(dy * xhat)`` and ``sum(dy)``)."""
+    result = triton_backend.backward(z, grad_z, var, weight, bias, EPS, activation, training)
+    expected = eager.backward(*_double(z, grad_z, var, weight, bias), EPS, activation, training)
+    torch.testing.assert_close(result[0].double(), expected[0], **tolerance)
+    for ours, reference in zip(result[1:], expected[1:]):
+        _assert_sums_close(ours, reference, _count(z))
+    return result
+
+
 def _assert_sums_close(actual, expected, count):
     """Per-channel sums of ``count`` float32 terms of size O(1)."""
     assert actual.dtype == torch.float32
@@ -209,16 +220,11 @@ def _backward_inputs(activation, layout, device, dtype, weight, bias):
 def test_backward(device, activation, layout, dtype, training):
     weight, bias = _affine(_shape(layout, device)[1], device)
     z, grad_z, var = _backward_inputs(activation, layout, device, dtype, weight, bias)
-    expected_dx, expected_grad_weight, expected_grad_bias = eager.backward(
-        *_double(z, grad_z, var, weight, bias), EPS, activation, training
+    dx, grad_weight, grad_bias = _backward_matches_eager(
+        z, grad_z, var, weight, bias, activation, training, TOLERANCES[dtype]
     )
-
-    dx, grad_weight, grad_bias = triton_backend.backward(z, grad_z, var, weight, bias, EPS, activation, training)
     assert dx.dtype == z.dtype and dx.stride() == z.stride()
     assert grad_weight.dtype == weight.dtype and grad_bias.dtype == bias.dtype
-    torch.testing.assert_close(dx.double(), expected_dx, **TOLERANCES[dtype])
-    _assert_sums_close(grad_weight, expected_grad_weight, _count(z))  # sign(w) * sum(dy * xhat)
-    _assert_sums_close(grad_bias, expected_grad_bias, _count(z))
 
 
 def test_weight_gradient_carries_sign_with_sign_of_zero_plus_one(device):
@@ -273,14 +279,7 @@ def test_without_affine(device, activation, layout, training):
     torch.testing.assert_close(x.double(), expected, **TOLERANCES[torch.float32])
 
     grad_z = torch.randn_like(x)
-    # Without parameters, the "gradients" are the raw sums: sum(dy * xhat) and sum(dy).
-    dx, sum_dy_xhat, sum_dy = triton_backend.backward(x, grad_z, var, None, None, EPS, activation, training)
-    expected_dx, expected_sum_dy_xhat, expected_sum_dy = eager.backward(
-        *_double(x, grad_z, var), None, None, EPS, activation, training
-    )
-    torch.testing.assert_close(dx.double(), expected_dx, **TOLERANCES[torch.float32])
-    _assert_sums_close(sum_dy, expected_sum_dy, _count(x))
-    _assert_sums_close(sum_dy_xhat, expected_sum_dy_xhat, _count(x))
+    _backward_matches_eager(x, grad_z, var, None, None, activation, training, TOLERANCES[torch.float32])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,13 +303,7 @@ def test_strided_input_is_processed_on_a_copy_and_written_back(device):
     # Backward from a strided z and a channels-last gradient.
     var = torch.rand(3, device=device) + 0.5
     grad_z = torch.randn(x.shape, device=device).contiguous(memory_format=torch.channels_last)
-    dx, grad_weight, grad_bias = triton_backend.backward(x, grad_z, var, weight, bias, EPS, activation, True)
-    expected_dx, expected_grad_weight, expected_grad_bias = eager.backward(
-        *_double(x, grad_z, var, weight, bias), EPS, activation, True
-    )
-    torch.testing.assert_close(dx.double(), expected_dx, **TOLERANCES[torch.float32])
-    _assert_sums_close(grad_weight, expected_grad_weight, _count(x))
-    _assert_sums_close(grad_bias, expected_grad_bias, _count(x))
+    _backward_matches_eager(x, grad_z, var, weight, bias, activation, True, TOLERANCES[torch.float32])
 
 
 def test_gradient_in_another_layout_than_the_output(device):

@@ -158,6 +158,8 @@ def forward_train_(x, weight, bias, eps, activation, running_mean=None, running_
     if running_mean is not None and running_var is not None:
         # A graph input, not a constant: momentum=None (a cumulative average) changes it every step.
         momentum = _scalar(float(momentum), running_mean.dtype)
+    else:  # unused: a fixed value, so that it does not enter the graph's key
+        momentum = 0.0
     return _run(eager.forward_train_, x, weight, bias, eps, activation, running_mean, running_var, momentum)
 
 

@@ -658,20 +658,20 @@ def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, t
     ``eager.backward``). Two passes over ``z`` and ``dz`` in training, one in eval mode."""
     if _eager_only(z):
         return eager.backward(z, grad_z, var, weight, bias, eps, activation, training)
-    dx, _, _, grad_weight, grad_bias = _backward(z, grad_z, var, weight, bias, eps, activation, training, True)
-    return dx, grad_weight, grad_bias
-
-
-def _backward(z, grad_z, var, weight, bias, eps, activation, training, param_grads):
     z, walk = _with_walk(z)
     grad_z = _like(grad_z, z, walk)
     with _device(z):
         if not training:
             dx = torch.empty_like(z)
-            sums = _launch_backward_reduce(
-                z, grad_z, walk, weight, bias, eps, activation, eval_dx=dx, var=var, param_grads=param_grads
+            _, _, grad_weight, grad_bias = _launch_backward_reduce(
+                z, grad_z, walk, weight, bias, eps, activation, eval_dx=dx, var=var, param_grads=True
             )
-            return (dx, *sums)
+            return dx, grad_weight, grad_bias
+        sum_dy, sum_dy_xhat, grad_weight, grad_bias = _launch_backward_reduce(
+            z, grad_z, walk, weight, bias, eps, activation, param_grads=True
+        )
+        dx = _launch_backward_dx(z, grad_z, walk, var, weight, bias, sum_dy, sum_dy_xhat, walk.count, eps, activation)
+        return dx, grad_weight, grad_bias
         sums = _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation, param_grads=param_grads)
         dx = _launch_backward_dx(z, grad_z, walk, var, weight, bias, sums[0], sums[1], walk.count, eps, activation)
         return (dx, *sums)

@@ -84,6 +84,12 @@ _AVERAGE_SIZE_OF = np.array(
 )
 
 
+def _iou(tp, fp, fn) -> float:
+    """``tp / (tp + fp + fn)`` as the official script computes it; NaN where nothing was counted."""
+    denominator = tp + fp + fn
+    return math.nan if denominator == 0 else float(tp) / denominator
+
+
 class EvaluationError(ValueError):
     """Malformed evaluation input: the message names the file when there is one."""
 
@@ -278,12 +284,9 @@ class CityscapesEvaluator:
             tp = int(self.confusion[label_id, label_id])
             fn = int(self.confusion[label_id].sum()) - tp
             fp = self._false_positives([label_id], [label_id])
-            denominator = tp + fp + fn
-            iou[name] = math.nan if denominator == 0 else float(tp) / denominator
+            iou[name] = _iou(tp, fp, fn)
             if label_id in _INSTANCE_CLASSES:
-                wtp, wfn = float(self._class_tp[label_id]), float(self._class_fn[label_id])
-                denominator = wtp + fp + wfn
-                iiou[name] = math.nan if denominator == 0 else wtp / denominator
+                iiou[name] = _iou(float(self._class_tp[label_id]), fp, float(self._class_fn[label_id]))
             else:
                 iiou[name] = math.nan
         return iou, iiou
@@ -300,13 +303,10 @@ class CityscapesEvaluator:
                 tp = int(self.confusion[np.ix_(evaluated, evaluated)].sum())
                 fn = int(self.confusion[evaluated].sum()) - tp
                 fp = self._false_positives(members, evaluated)
-                denominator = tp + fp + fn
-                iou[category] = math.nan if denominator == 0 else float(tp) / denominator
+                iou[category] = _iou(tp, fp, fn)
             if category in _INSTANCE_CATEGORIES:
                 fp = self._false_positives(members, _INSTANCE_CATEGORIES[category])
-                wtp, wfn = float(self._category_tp[index]), float(self._category_fn[index])
-                denominator = wtp + fp + wfn
-                iiou[category] = math.nan if denominator == 0 else wtp / denominator
+                iiou[category] = _iou(float(self._category_tp[index]), fp, float(self._category_fn[index]))
             else:
                 iiou[category] = math.nan
         return iou, iiou
