@@ -65,7 +65,9 @@ def _example(t: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
             fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
             return torch.zeros(sizes, dtype=t.dtype).to(memory_format=fmt)
         return torch.zeros(sizes, dtype=t.dtype)
-    return torch.ones(sizes[1] if t.dim() else (), dtype=t.dtype)  # per channel, or a scalar
+    if t.dim() == 0 or t.numel() == 1:  # a scalar (momentum: one element); per channel when C == 1 too
+        return torch.ones(t.shape, dtype=t.dtype)
+    return torch.ones(sizes[1], dtype=t.dtype)  # per channel
 
 
 def _compile(fn: Callable, args: tuple, x: torch.Tensor, layout: str) -> Callable:
@@ -151,7 +153,9 @@ def normalize_activate_(x, mean, var, weight, bias, eps, activation):
 
 @functools.lru_cache(maxsize=64)
 def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(value, dtype=dtype)
+    # One element, not 0-dim: torch 2.14's standalone_compile fails on arithmetic with a 0-dim float64
+    # graph input that updates two buffers (TensorifyScalarRestartAnalysis).
+    return torch.tensor([value], dtype=dtype)
 
 
 def forward_train_(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0):

@@ -78,9 +78,12 @@ def update_running_stats_(running_mean, running_var, mean, var, count, momentum)
     if isinstance(count, Tensor):
         unbiased_var = var * (count / (count - 1).clamp_min(1))
     else:
-        unbiased_var = var * (count / torch.sym_max(count - 1, 1))
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+        # tensor * int / int: a Python float from symbolic ints would not compile (torch 2.14)
+        unbiased_var = var * count / torch.sym_max(count - 1, 1)
+    # ATen's formula; not lerp_, whose 0-dim tensor weight does not compile for float64 (torch 2.14)
+    keep = 1 - momentum
+    running_mean.mul_(keep).add_(mean.to(running_mean.dtype) * momentum)
+    running_var.mul_(keep).add_(unbiased_var.to(running_var.dtype) * momentum)
 
 
 def forward_train_(
