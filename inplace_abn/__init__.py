@@ -8,7 +8,7 @@ input and keeps only its output for backward.
 """
 
 from . import functions
-from .convert import ConversionReport, convert_to_abn, convert_to_batchnorm, fuse_conv_abn
+from .conversion import ConversionReport, convert_to_abn, convert_to_batchnorm, fuse_conv_abn
 from .distributed import active_group, set_active_group
 from .functions import abn, inplace_abn, inplace_abn_sync
 from .modules import ABN, InPlaceABN, InPlaceABNSync

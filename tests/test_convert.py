@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, convert_to_abn, convert_to_batchnorm, fuse_conv_abn
-from inplace_abn.convert import saved_activation_bytes
+from inplace_abn.conversion import saved_activation_bytes
 
 
 @pytest.fixture(autouse=True)

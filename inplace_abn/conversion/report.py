@@ -1,0 +1,197 @@
+"""What :func:`~inplace_abn.convert_to_abn` did, one entry per BatchNorm layer, and the measurements behind
+its summary: memory kept for backward before and after, and the largest output difference."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+#: What a converted layer keeps for backward, by mode (docs/migrating.md shows this table).
+IN_PLACE, RECOMPUTE, OUT_OF_PLACE, UNCHANGED = "in place", "recompute", "out of place", "unchanged"
+MODES = {
+    IN_PLACE: "`InPlaceABN`: writes its output over its input and keeps only that output (plus one bit per "
+              "element for silu / gelu / mish, plus the shortcut if it has one): one buffer per norm + act",
+    RECOMPUTE: "`RecomputeABN`: keeps its input and the per-channel statistics (plus the shortcut); its output "
+               "is rebuilt elementwise in backward wherever the next op kept it: one buffer, any activation, "
+               "and its input may be used elsewhere",
+    OUT_OF_PLACE: "`ABN` (`in_place=False`): keeps what BatchNorm + activation kept",
+    UNCHANGED: "left as it was; the report says why",
+}
+
+SampleInput = Union[torch.Tensor, tuple]
+
+
+@dataclasses.dataclass
+class LayerConversion:
+    """What :func:`~inplace_abn.convert_to_abn` did with one BatchNorm layer."""
+
+    name: str  #: the BatchNorm's qualified name in the model
+    norm: str = ""  #: its class, e.g. "BatchNorm2d", "BatchNormAct2d"
+    pattern: str = ""  #: the pattern that matched (see :data:`inplace_abn.conversion.PATTERNS`); "" if none
+    activation: str = ""  #: the activation merged into it, as found ("" if none was)
+    converted_to: str = ""  #: e.g. "InPlaceABN(silu)"; "" if left as it was
+    mode: str = UNCHANGED  #: "in place", "recompute", "out of place" or "unchanged"
+    shortcut: str = ""  #: the residual add's other operand, now passed as ``shortcut`` ("" if none)
+    gate: str = ""  #: the SE multiply of its output that became ``channel_gate`` ("" if none)
+    exact: bool = True  #: whether the model computes what it did (False only on request: relu_to, clamping)
+    reason: str = ""  #: why unchanged, why not in place, or why not exact
+    negated_channels: int = 0  #: channels whose weight sign moved into the layer before
+    clamped_channels: int = 0  #: channels with |weight| < eps, which scale by eps instead (clamp_small_weights)
+
+    @property
+    def in_place(self) -> bool:
+        return self.mode == IN_PLACE
+
+    def __str__(self) -> str:
+        if self.mode == UNCHANGED:
+            return f"{self.name} ({self.norm}): unchanged: {self.reason}"
+        text = f"{self.name} ({self.norm}) [{self.pattern}]"
+        if self.activation:
+            text += f" + {self.activation}"
+        text += f" -> {self.converted_to}, {self.mode}"
+        if self.shortcut:
+            text += f", shortcut {self.shortcut}"
+        if self.gate:
+            text += f", gate {self.gate}"
+        if self.negated_channels:
+            text += f", {self.negated_channels} channel signs moved into the layer before"
+        return text + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What :func:`~inplace_abn.convert_to_abn` converted, and what that saves."""
+
+    layers: list[LayerConversion]  #: one entry per BatchNorm layer, in graph order
+    rewritten: list[str] = dataclasses.field(default_factory=list)  #: submodules given a new forward ("" = the model)
+    untraced: list[str] = dataclasses.field(default_factory=list)  #: parts fx could not trace, and why
+    recompute: bool = False  #: :func:`inplace_abn.enable_recompute` was installed on the model
+    saved_bytes_before: Optional[int] = None  #: see :func:`saved_activation_bytes`; needs ``sample_input``
+    saved_bytes_after: Optional[int] = None
+    max_output_difference: Optional[float] = None  #: eval mode, on ``sample_input``
+
+    @property
+    def converted(self) -> list[LayerConversion]:
+        return [layer for layer in self.layers if layer.mode != UNCHANGED]
+
+    @property
+    def in_place(self) -> list[LayerConversion]:
+        return [layer for layer in self.layers if layer.mode == IN_PLACE]
+
+    @property
+    def graph_module(self) -> bool:
+        """Whether the model itself came back as an ``fx.GraphModule`` (its own forward had to change)."""
+        return "" in self.rewritten
+
+    @property
+    def exact(self) -> bool:
+        """Whether the converted model computes what the original did."""
+        return all(layer.exact for layer in self.converted)
+
+    def counts(self) -> collections.Counter:
+        """How many layers each ``(pattern, mode)`` pair has; unchanged layers count as ``("", "unchanged")``."""
+        return collections.Counter((layer.pattern if layer.mode != UNCHANGED else "", layer.mode) for layer in self.layers)
+
+    def __str__(self) -> str:
+        modes = collections.Counter(layer.mode for layer in self.converted)
+        lines = [
+            f"{len(self.converted)} of {len(self.layers)} BatchNorm layers converted"
+            + (": " + ", ".join(f"{modes[m]} {m}" for m in (IN_PLACE, RECOMPUTE, OUT_OF_PLACE) if modes[m]) if modes else "")
+            + f"; {len(self.layers) - len(self.converted)} unchanged"
+            + ("" if self.exact else "; some outputs change (see below)")
+        ]
+        patterns = collections.Counter(layer.pattern for layer in self.converted)
+        gates = sum(bool(layer.gate) for layer in self.layers)
+        if patterns:
+            lines.append("  patterns: " + ", ".join(f"{name} {count}" for name, count in patterns.items())
+                         + f"; SE gates fused: {gates}")
+        lines += [f"  {layer}" for layer in self.layers]
+        if self.rewritten:
+            names = ", ".join(name or "the model itself" for name in self.rewritten)
+            lines.append(f"  forwards rewritten (fx.GraphModule, same submodule names): {names}")
+        if self.recompute:
+            lines.append("  enable_recompute installed: recompute layers rebuild their outputs in backward")
+        lines += [f"  not traced: {failure}" for failure in self.untraced]
+        if self.saved_bytes_before is not None:
+            before, after = self.saved_bytes_before, self.saved_bytes_after
+            change = ""
+            if before:
+                change = f" ({1 - after / before:.0%} less)" if after <= before else f" ({after / before - 1:.0%} more)"
+            lines.append(f"  saved for backward: {before:,} bytes before, {after:,} after{change}")
+        if self.max_output_difference is not None:
+            lines.append(f"  largest output difference on the sample input (eval mode): {self.max_output_difference:.3g}")
+        return "\n".join(lines)
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+def as_tuple(sample_input: SampleInput) -> tuple:
+    return sample_input if isinstance(sample_input, tuple) else (sample_input,)
+
+
+def _copies(inputs: tuple) -> tuple:
+    return tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+class _Preserved:
+    """Restores the train/eval flags, buffers (running statistics) and CPU random state of a model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(module, module.training) for module in self.model.modules()]
+        self.buffers = [(buffer, buffer.detach().clone()) for buffer in self.model.buffers()]
+        self.rng = torch.random.fork_rng(devices=[])
+        self.rng.__enter__()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.rng.__exit__(*exc)
+        with torch.no_grad():
+            for buffer, value in self.buffers:
+                buffer.copy_(value)
+        for module, training in self.modes:
+            module.training = training
+        return False
+
+
+def saved_activation_bytes(model: nn.Module, sample_input: SampleInput) -> int:
+    """Bytes autograd keeps for backward in one training-mode forward of ``model`` on ``sample_input``
+    (a tensor or a tuple of inputs): the distinct storages of saved tensors, parameters and buffers not
+    counted. The model's modes, running statistics and the random state are left as they were."""
+    from ..training.memory import SavedTensorMeter  # moves to inplace_abn.memory (task realbench)
+
+    meter = SavedTensorMeter([*model.parameters(), *model.buffers()])
+    with _Preserved(model):
+        model.train()
+        with meter:
+            output = model(*_copies(as_tuple(sample_input)))
+        del output  # kept alive until here, so no storage was freed and its address reused
+    return meter.bytes
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+@torch.no_grad()
+def max_output_difference(original: nn.Module, converted: nn.Module, sample_input: SampleInput) -> float:
+    inputs = as_tuple(sample_input)
+    outputs = []
+    for model in (original, converted):
+        with _Preserved(model):
+            model.eval()
+            outputs.append(_tensors(model(*_copies(inputs))))
+    differences = [(a.double() - b.double()).abs().max().item() for a, b in zip(*outputs) if a.numel()]
+    return max(differences, default=0.0)
