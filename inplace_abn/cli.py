@@ -18,6 +18,8 @@ COMMANDS = {
     "train": ("train", "train a segmentation or classification network"),
     "evaluate": ("evaluate", "evaluate a trained network and write predictions"),
     "demo": ("demo", "train the same small DeepLabV3 with BatchNorm and InPlace-ABN on built-in data, and compare"),
+    "check-data": ("check_data", "read a whole dataset tree; list unreadable files, missing pairs, bad label ids"),
+    "convert-checkpoint": ("convert_checkpoint", "rewrite a trusted old checkpoint so that it loads safely"),
 }
 
 

@@ -5,7 +5,7 @@ several splits read as one (``"train+train_extra"``: fine + coarse training)."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -214,23 +214,24 @@ class CityscapesDataset(SegmentationDataset):
     def orphan_labels(self) -> List[Tuple[str, str]]:
         return find_orphan_labels(self.root, self.split, self.annotation)
 
-    def load(self, index: int) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, np.ndarray]]:
+    def load_image(self, index: int) -> np.ndarray:
+        return read_rgb(self.files[index].image)
+
+    def load_labels(self, index: int, image_size: Optional[Tuple[int, int]]):
         files = self.files[index]
-        image = read_rgb(files.image)
         if files.label_ids is None:
-            return image, None, {}
+            return None, {}
         if not os.path.isfile(files.label_ids):
             raise DataError(f"no ground truth for {files.image}: expected {files.label_ids}",
                             files.label_ids, "missing")  # fmt: skip
         label_ids = read_label_map(files.label_ids)
-        check_same_size(label_ids, files.label_ids, image, files.image)
+        check_same_size(label_ids, files.label_ids, image_size, files.image)
         train_ids = label_ids_to_train_ids(label_ids, files.label_ids)
-        extra = {}
-        if self.eval_maps:
-            if not os.path.isfile(files.instance_ids):
-                raise DataError(f"no instance map for {files.label_ids}: expected {files.instance_ids}",
-                                files.instance_ids, "missing")  # fmt: skip
-            instance_ids = read_label_map(files.instance_ids)
-            check_same_size(instance_ids, files.instance_ids, image, files.image)
-            extra = {"label_ids": label_ids, "instance_ids": instance_ids}
-        return image, train_ids, extra
+        if not self.eval_maps:
+            return train_ids, {}
+        if not os.path.isfile(files.instance_ids):
+            raise DataError(f"no instance map for {files.label_ids}: expected {files.instance_ids}",
+                            files.instance_ids, "missing")  # fmt: skip
+        instance_ids = read_label_map(files.instance_ids)
+        check_same_size(instance_ids, files.instance_ids, image_size, files.image)
+        return train_ids, {"label_ids": label_ids, "instance_ids": instance_ids}

@@ -7,12 +7,12 @@ from typing import Optional
 
 #: what can be wrong with a file, as :attr:`DataError.kind` reports it (and ``check-data`` counts it)
 KINDS = {
-    "missing": "missing files (an image without its label, a label without its image, an absent map)",
-    "unreadable": "unreadable files (truncated, corrupt or not an image)",
-    "label ids": "label maps with ids outside the dataset's range",
-    "size": "labels whose size differs from their image's",
-    "format": "label maps that are not one integer id per pixel",
-    "layout": "folders missing from the dataset's layout",
+    "missing": "missing file: an image without its label, a label without its image, an absent map",
+    "unreadable": "unreadable file: truncated, corrupt or not an image",
+    "label ids": "label map with ids outside the dataset's range",
+    "size": "label map of another size than its image",
+    "format": "label map that is not one integer id per pixel",
+    "layout": "folder missing from the dataset's layout",
 }
 
 

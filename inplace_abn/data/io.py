@@ -72,12 +72,13 @@ def check_label_ids(array: np.ndarray, valid: int, path: str, allowed_extra: Ite
         raise DataError(f"{path}: label ids out of range (valid: 0..{valid - 1}): found {shown}", path, "label ids")
 
 
-def check_same_size(label: np.ndarray, label_path: str, image: np.ndarray, image_path: str) -> None:
-    """Raise unless a label map covers its image pixel for pixel."""
-    if label.shape[:2] != image.shape[:2]:
+def check_same_size(label: np.ndarray, label_path: str, image_size: Optional[tuple], image_path: str) -> None:
+    """Raise unless a label map covers its image, of ``(height, width)`` ``image_size``, pixel for pixel
+    (``None``: the image's size is unknown, nothing to check)."""
+    if image_size is not None and tuple(label.shape[:2]) != tuple(image_size[:2]):
         raise DataError(
             f"{label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]}",
+            f"{image_size[1]}x{image_size[0]}",
             label_path,
             "size",
         )
