@@ -129,8 +129,8 @@ def test_kitti_and_vistas_trees(tmp_path):
         Image.fromarray(np.full((4, 6), top, np.uint8)).save(vistas / "training" / "labels" / f"{index}.png")
     Image.fromarray(np.zeros((4, 6), np.uint8)).save(vistas / "training" / "labels" / "orphan.png")
     report = check_tree("vistas", str(vistas), progress=False)
-    assert sorted((p.kind, os.path.basename(p.path)) for p in report.problems) == [("label ids", "1.png"),
-                                                                                  ("missing", "orphan.jpg")]  # fmt: skip
+    found = sorted((p.kind, os.path.basename(p.path)) for p in report.problems)
+    assert found == [("label ids", "1.png"), ("missing", "orphan.jpg")]
 
 
 class _Broken(torch.utils.data.Dataset):

@@ -70,7 +70,8 @@ def test_evaluate_and_resume_refuse_a_crafted_checkpoint(tmp_path, capsys, monke
     assert "refused to load" in capsys.readouterr().err and not marker.exists()
     code = cli.main(["train", "--network", "deeplabv3_resnet18", "--width", "0.125", "--synthetic-samples", "4",
                      "--synthetic-size", "32x64", "--crop", "32x64", "--batch-size", "2", "--steps", "1",
-                     "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet", "--resume", str(files[0])])  # fmt: skip
+                     "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet",
+                     "--resume", str(files[0])])  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and "refused to load" in err and "Traceback" not in err
     assert not marker.exists()
@@ -168,8 +169,9 @@ def test_the_safe_loader_runs_nothing_in_a_fresh_process(tmp_path):
     """Nothing imported earlier (numpy, the test module) makes the refusal pass by accident."""
     marker, files = crafted_files(tmp_path)
     script = ("import sys\nfrom inplace_abn.training.checkpoint import load_checkpoint, CheckpointError\n"
-              "try:\n    load_checkpoint(sys.argv[1])\nexcept CheckpointError as e:\n    print('refused')\n")  # fmt: skip
+              "try:\n    load_checkpoint(sys.argv[1])\nexcept CheckpointError:\n    print('refused')\n")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run([sys.executable, "-c", script, str(files[0])], capture_output=True, text=True,
-                            timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))  # fmt: skip
+                            timeout=120, env=env)  # fmt: skip
     assert result.stdout.strip() == "refused", result.stderr[-2000:]
     assert not marker.exists()

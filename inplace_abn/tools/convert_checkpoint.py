@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="the trusted checkpoint to convert")
     parser.add_argument("output", help="where to write the converted copy (the original is left as it is)")
     parser.add_argument("--trust", action="store_true",
-                        help="required: confirms that you trust the file, since reading it may run code it carries")  # fmt: skip
+                        help="required: you trust the file (reading it may run code it carries)")  # fmt: skip
 
 
 def plain(value: Any, where: str = "checkpoint") -> Any:
@@ -42,8 +42,9 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
             return torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, np.generic):
             return value.item()
-    raise TypeError(f"{where} is of type {type(value).__module__}.{type(value).__qualname__}, which a safe load refuses; "
-                    "turn it into tensors, numbers, strings, lists or dicts by hand")  # fmt: skip
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    raise TypeError(f"{where} is of type {kind}, which a safe load refuses; turn it into tensors, numbers, "
+                    "strings, lists or dicts by hand")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
