@@ -56,7 +56,7 @@ def _problem(error: DataError) -> Problem:
 
 
 def _default_splits(dataset: str, root: str) -> List[str]:
-    """Every split the tree holds (a missing root gives none: building the dataset then says why)."""
+    """Every split the tree holds; when it holds none, the usual first one, whose building says what is missing."""
     if dataset == "cityscapes":
         folder = os.path.join(root, "leftImg8bit")
     elif dataset == "vistas":
