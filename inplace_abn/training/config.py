@@ -8,7 +8,7 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 TASKS = ("segmentation", "classification")
-DATASETS = ("synthetic", "cityscapes", "vistas", "imagefolder")
+DATASETS = ("synthetic", "cityscapes", "vistas", "kitti", "imagefolder")
 NORMS = ("inplace_abn", "batchnorm", "abn")
 AMP_MODES = ("none", "bf16", "fp16")
 

@@ -15,6 +15,7 @@ DEFAULT_SPLITS = {
     "synthetic": ("train", "val"),
     "cityscapes": ("train", "val"),
     "vistas": ("training", "validation"),
+    "kitti": ("train", "val"),  # val: every 5th training image (KITTI has no validation split)
     "imagefolder": ("train", "val"),
 }
 
@@ -46,8 +47,10 @@ def build_dataset(config: TrainConfig, split: str, train: bool, eval_maps: bool 
         count = config.synthetic_samples if num_samples is None else num_samples
         return data.SyntheticCityscapes(count, height, width, seed=config.seed, split=split, transform=transform,
                                         eval_maps=eval_maps, cache=train)  # fmt: skip
-    if config.dataset == "cityscapes":
+    if config.dataset == "cityscapes":  # split "train+train_extra": fine + coarse
         return data.CityscapesDataset(config.root, split, transform=transform, eval_maps=eval_maps)
+    if config.dataset == "kitti":
+        return data.KittiDataset(config.root, split, transform=transform, eval_maps=eval_maps)
     if config.dataset == "vistas":
         return data.VistasDataset(config.root, split, transform=transform)
     if transform is None:
