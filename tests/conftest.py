@@ -26,3 +26,8 @@ def _compiled_backend_compiles():
 
     if compiled.available():  # without a C++ compiler the fallback is the expected path
         assert not compiled._broken, f"the compiled backend fell back to eager: {compiled._broken}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of several seconds on two cores (real-model conversions); "
+                                       "deselect with -m 'not slow'")

@@ -6,25 +6,20 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import inspect
 from typing import Optional
 
 from torch import fx, nn
 
 from .. import functions
-from ..activations import Activation, make_activation
-from ..modules import ABN
+from ..activations import Activation, describe as describe_activation, make_activation
+from ..recompute import enable_recompute
 from . import recognise
 from .graph import (Edit, Region, aliases, apply_rewrites, describe, has_fresh_output, modified_in_place_by,
                     plan_rewrites, set_submodule, traced_regions)
 from .patterns import IDENTITY, NORM_ACT, GateMatch, Match, find_gate, is_gate_product, match
 from .report import (IN_PLACE, OUT_OF_PLACE, RECOMPUTE, UNCHANGED, ConversionReport, LayerConversion, SampleInput,
                      max_output_difference, saved_activation_bytes)
-from .weights import feeding_layer, load_batchnorm, negative_channels, new_layer, recompute_layer_class, small_channels
-
-
-# Layers of a core without forward(x, shortcut) cannot take a residual add over.
-_LAYERS_TAKE_SHORTCUT = "shortcut" in inspect.signature(ABN.forward).parameters
+from .weights import feeding_layer, load_batchnorm, negative_channels, new_layer, small_channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +42,8 @@ class _Context:
     eval_calls: collections.Counter
     parameter_uses: collections.Counter
     options: _Options
+    claimed: dict[fx.Node, str] = dataclasses.field(default_factory=dict)  # node -> the norm taking it over
+    eval_claimed: dict[fx.Node, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -55,18 +52,13 @@ class _Plan:
 
     record: LayerConversion
     match: Match
+    eval_match: Match
     activation: Activation
     mode: str
     feeding: Optional[nn.Module]
     sync: bool
     group: object = None
     gate: Optional[GateMatch] = None
-
-
-def _activation_kind(activation: Activation) -> str:
-    """"invertible", "piecewise" (invertible with one stored bit) or "lossy"."""
-    kind = getattr(activation, "kind", None)
-    return kind if kind is not None else ("invertible" if activation.invertible else "lossy")
 
 
 def _refusal(node: fx.Node, context: _Context) -> str:
@@ -124,9 +116,9 @@ def _decide(node: fx.Node, context: _Context, record: LayerConversion, rewrite_f
     """Match ``node``'s pattern and choose its layer; None (with ``record.reason``) where it stays as it was."""
     region, modules, options = context.region, context.modules, context.options
     bn = modules[node.target]
-    found = match(node, region, modules, context.calls, rewrite_failure, _LAYERS_TAKE_SHORTCUT)
+    found = match(node, region, modules, context.calls, context.claimed, rewrite_failure)
     eval_node = context.eval_norms[node.target]
-    eval_found = match(eval_node, region, modules, context.eval_calls, rewrite_failure, _LAYERS_TAKE_SHORTCUT)
+    eval_found = match(eval_node, region, modules, context.eval_calls, context.eval_claimed, rewrite_failure)
     if not _same_structure(found, eval_found):
         record.reason = "what follows it differs between training and eval mode"
         return None
@@ -138,7 +130,7 @@ def _decide(node: fx.Node, context: _Context, record: LayerConversion, rewrite_f
     try:
         activation = make_activation(name, param)
     except ValueError as error:
-        record.reason = f"its activation {name}({param:g}) is not one of the layers' activations: {error}"
+        record.reason = f"its activation is not one the layers have: {error}"
         return None
     feeding = feeding_layer(node, modules, context.calls, context.parameter_uses)
     negative = negative_channels(bn)
@@ -150,7 +142,7 @@ def _decide(node: fx.Node, context: _Context, record: LayerConversion, rewrite_f
     small = small_channels(bn)
     if small and not options.clamp_small_weights:
         record.reason = (
-            f"{small} channels have |weight| < eps={bn.eps} (smallest {float(bn.weight.abs().min()):.3g}): the layers "
+            f"{small} channels have |weight| < eps={bn.eps} (smallest {bn.weight.detach().abs().min().item():.3g}): the layers "
             "scale by |w| + eps >= eps, so they cannot compute this exactly; clamp_small_weights=True converts them "
             "with scale eps (output change at most (eps - |w|) * |x_hat| per channel)")
         return None
@@ -167,23 +159,30 @@ def _decide(node: fx.Node, context: _Context, record: LayerConversion, rewrite_f
     record.exact = exact
     record.shortcut = "" if found.shortcut is None else describe(found.shortcut, region, modules)
     record.reason = "; ".join(notes)
-    return _Plan(record, found, activation, mode, feeding, sync, group)
+    _claim(context, found, eval_found, record.name)
+    return _Plan(record, found, eval_found, activation, mode, feeding, sync, group)
+
+
+def _claim(context: _Context, found: Match, eval_found: Match, name: Optional[str]) -> None:
+    """Mark the nodes a plan takes over as its own (``name=None``: give them back)."""
+    for claimed, nodes in ((context.claimed, found.taken_over), (context.eval_claimed, eval_found.taken_over)):
+        for node in nodes:
+            if name is None:
+                claimed.pop(node, None)
+            else:
+                claimed[node] = name
 
 
 def _mode(found: Match, eval_found: Match, activation: Activation, context: _Context, notes: list[str]) -> str:
     if not context.options.in_place:
         return OUT_OF_PLACE
-    if _activation_kind(activation) == "lossy":
+    if activation.kind == "lossy":
         why = f"{activation.name} is lossy (its input cannot be rebuilt from its output)"
     else:
         why = (_why_not_in_place(found, context, context.region, context.modules)
                or _why_not_in_place(eval_found, context, context.region, context.modules))
     if why is None:
         return IN_PLACE
-    if recompute_layer_class() is None and not (context.options.sync or recognise.norm_module(
-            context.modules[found.norm.target]).synchronized):
-        notes.append(f"out of place: {why}")
-        return OUT_OF_PLACE
     notes.append(f"recompute: {why}")
     return RECOMPUTE
 
@@ -199,6 +198,7 @@ def _norm_edit(found: Match) -> Edit:
         last.replace_all_uses_with(call)
         for node in reversed([found.norm, *found.taken_over]):
             graph.erase_node(twin(node))
+        return {found.output: call}
 
     return Edit((found.norm, *found.taken_over), apply, uses)
 
@@ -210,6 +210,7 @@ def _gate_edit(gate: GateMatch) -> Edit:
             call = graph.call_function(functions.channel_gate, (twin(gate.x), twin(gate.gate)))
         mul.replace_all_uses_with(call)
         graph.erase_node(mul)
+        return {gate.mul: call}
 
     return Edit((gate.mul,), apply, (gate.x, gate.gate))
 
@@ -233,9 +234,8 @@ def _convert_region(region: Region, options: _Options, parameter_uses: collectio
         plan = None if record.reason else _decide(node, context, record)
         if plan is not None:
             plans.append(plan)
-    can_gate = hasattr(functions, "channel_gate")
     for plan in plans:
-        plan.gate = find_gate(plan.match.output, modules) if can_gate else None
+        plan.gate = find_gate(plan.match.output, modules)
 
     # Forward changes can fail (a block that traces differently alone, or by mode): such a norm is decided
     # again with the patterns that only swap modules, and everything is planned again.
@@ -258,6 +258,7 @@ def _convert_region(region: Region, options: _Options, parameter_uses: collectio
                 plan.record.reason = "; ".join(filter(None, [plan.record.reason, f"SE gate not fused: {why}"]))
             elif plan in plans:
                 plans.remove(plan)
+                _claim(context, plan.match, plan.eval_match, None)
                 record = plan.record  # already in the report: start it again
                 vars(record).update(vars(LayerConversion(record.name, record.norm)))
                 again = _decide(plan.match.norm, context, record, rewrite_failure=why)
@@ -290,20 +291,9 @@ def _make(plan: _Plan, region: Region, modules: dict[str, nn.Module]) -> None:
 
 def summary(layer: nn.Module) -> str:
     """``InPlaceABN(leaky_relu[0.01])``: the class and its activation."""
-    activation = make_activation(layer.activation, layer.activation_param)
-    param = f"[{activation.param}]" if activation.name in ("leaky_relu", "elu") else ""
+    activation = describe_activation(make_activation(layer.activation, layer.activation_param))
     in_place = ", in_place=False" if hasattr(layer, "in_place") and not layer.in_place else ""
-    return f"{type(layer).__name__}({activation.name}{param}{in_place})"
-
-
-def _enable_recompute(model: nn.Module) -> bool:
-    """Install the recompute hooks that the layers and gates rely on; whether the core has them."""
-    try:
-        from .. import enable_recompute
-    except ImportError:  # a core without recompute mode: its layers keep their outputs, exactly
-        return False
-    enable_recompute(model)
-    return True
+    return f"{type(layer).__name__}({activation}{in_place})"
 
 
 def convert_to_abn(
@@ -377,7 +367,8 @@ def convert_to_abn(
         if recognise.is_batchnorm(module) and name not in seen:
             report.layers.append(LayerConversion(name, type(module).__name__, reason=unseen))
     if any(layer.mode == RECOMPUTE or layer.gate for layer in report.layers):
-        report.recompute = _enable_recompute(converted)
+        enable_recompute(converted)
+        report.recompute = True
     if sample_input is not None:
         report.saved_bytes_before = saved_activation_bytes(model, sample_input)
         report.saved_bytes_after = saved_activation_bytes(converted, sample_input)

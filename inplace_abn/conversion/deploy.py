@@ -31,8 +31,7 @@ def _shortcut(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _is_gate(node: fx.Node) -> bool:
-    gate = getattr(functions, "channel_gate", None)
-    return node.op == "call_function" and gate is not None and node.target is gate
+    return node.op == "call_function" and node.target is functions.channel_gate
 
 
 def _has_layers_or_gates(module: nn.Module) -> bool:
@@ -46,6 +45,7 @@ def _gate_as_product(node: fx.Node) -> Edit:
             product = graph.call_function(operator.mul, call.args)
         call.replace_all_uses_with(product)
         graph.erase_node(call)
+        return {node: product}
 
     return Edit((node,), apply, tuple(node.all_input_nodes))
 
@@ -60,6 +60,7 @@ def _layer_call_as(node: fx.Node, build: Callable[[fx.Graph, str, fx.Node, fx.No
             result = build(graph, call.target, twin(x), twin(shortcut))
         call.replace_all_uses_with(result)
         graph.erase_node(call)
+        return {node: result}
 
     return Edit((node,), apply, (x, shortcut))
 

@@ -43,10 +43,7 @@ for _dunder, _function in _IN_PLACE_DUNDERS.items():
 
 
 def _kept_whole_functions() -> list[Callable]:
-    kept = recognise.timm_activation_functions()
-    if hasattr(functions, "channel_gate"):
-        kept.append(functions.channel_gate)
-    return kept
+    return [*recognise.timm_activation_functions(), functions.channel_gate]
 
 
 class Tracer(fx.Tracer):
@@ -225,10 +222,11 @@ class Edit:
     """A change to a region's graph. ``nodes`` are the region nodes it replaces or removes: they decide the
     submodule whose forward is rewritten; ``uses`` are values it reads, which must be visible there.
     ``apply(graph, counterpart)`` makes the change on a fresh trace of that submodule, where
-    ``counterpart`` maps a region node to its node there."""
+    ``counterpart`` maps a region node to its node there, and returns the region nodes whose value a new
+    node now gives (so later edits that read them read the new node)."""
 
     nodes: tuple[fx.Node, ...]
-    apply: Callable[[fx.Graph, Callable[[fx.Node], fx.Node]], None]
+    apply: Callable[[fx.Graph, Callable[[fx.Node], fx.Node]], dict[fx.Node, fx.Node]]
     uses: tuple[fx.Node, ...] = ()
 
 
@@ -367,7 +365,7 @@ def apply_rewrites(region: Region, rewrites: list[_Rewrite]) -> Optional[nn.Modu
     replacement = None
     for rewrite in rewrites:
         for edit in rewrite.edits:
-            edit.apply(rewrite.graph, rewrite.counterpart.__getitem__)
+            rewrite.counterpart.update(edit.apply(rewrite.graph, rewrite.counterpart.__getitem__))
         rewritten = graph_module(rewrite.module, rewrite.graph)
         if rewrite.scope:
             set_submodule(region.module, rewrite.scope, rewritten)

@@ -120,11 +120,11 @@ def inner_activation(module: nn.Module) -> Optional[tuple[str, float]]:
 
 
 def match(node: fx.Node, region: Region, modules: dict[str, nn.Module], calls: dict[str, int],
-          rewrite_failure: Optional[str] = None, shortcuts: bool = True) -> Match:
+          claimed: dict[fx.Node, str], rewrite_failure: Optional[str] = None) -> Match:
     """The first pattern of :data:`PATTERNS` that the graph shows after BatchNorm ``node`` (at worst
-    :data:`NORM_ALONE`). Given ``rewrite_failure`` (why the forward around it could not be rewritten),
-    only patterns that swap modules without changing a forward. ``shortcuts=False`` skips the patterns
-    with a residual add (for layers that take no shortcut)."""
+    :data:`NORM_ALONE`), taking over no node in ``claimed`` (node -> the name of the norm that took it;
+    both norms of a projection block feed one add). Given ``rewrite_failure`` (why the forward around it
+    could not be rewritten), only patterns that swap modules without changing a forward."""
     module = modules[node.target]
     kind = recognise.norm_module(module)
     if kind is not None and kind.with_activation and inner_activation(module) != IDENTITY:
@@ -134,9 +134,11 @@ def match(node: fx.Node, region: Region, modules: dict[str, nn.Module], calls: d
         return Match(NORM_ACT, node, inner_activation(module), found)
     notes = []
     for pattern in PATTERNS:
-        if not shortcuts and "add" in pattern.steps:
-            continue
         found = _match_steps(pattern, node, region, modules, calls, notes)
+        taken = next((claimed[n] for n in found.taken_over if n in claimed), None) if found is not None else None
+        if taken is not None:
+            notes.append(f"not {pattern.name}: '{taken}' takes that over")
+            continue
         if found is not None and (rewrite_failure is None or not found.needs_rewrite):
             found.notes = notes
             return found
@@ -153,14 +155,15 @@ def _match_steps(pattern: Pattern, node: fx.Node, region: Region, modules: dict[
         user, passed = only_user(value, modules)
         if user is None:
             return None
+        operand = passed[-1] if passed else value
         if step == "add":
             operands = recognise.add_operands(user)
-            if operands is None or value not in operands or operands[0] is operands[1]:
+            if operands is None or operand not in operands or operands[0] is operands[1]:
                 return None
-            other = operands[1] if operands[0] is value else operands[0]
+            other = operands[1] if operands[0] is operand else operands[0]
             if not isinstance(other, fx.Node):
                 return None
-            if recognise.modifies_first_operand(user) and operands[0] is not value:
+            if recognise.modifies_first_operand(user) and operands[0] is not operand:
                 notes.append(f"not {pattern.name}: {describe(user, region, modules)} writes the sum over its other operand")
                 return None
             writer = modified_in_place_by(other, modules)

@@ -10,6 +10,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .. import recompute
+
 #: What a converted layer keeps for backward, by mode (docs/migrating.md shows this table).
 IN_PLACE, RECOMPUTE, OUT_OF_PLACE, UNCHANGED = "in place", "recompute", "out of place", "unchanged"
 MODES = {
@@ -163,14 +165,21 @@ class _Preserved:
 def saved_activation_bytes(model: nn.Module, sample_input: SampleInput) -> int:
     """Bytes autograd keeps for backward in one training-mode forward of ``model`` on ``sample_input``
     (a tensor or a tuple of inputs): the distinct storages of saved tensors, parameters and buffers not
-    counted. The model's modes, running statistics and the random state are left as they were."""
+    counted, nor recompute-mode outputs (rebuilt in backward). The forward runs under
+    :func:`~inplace_abn.recompute_scope` (``model.forward`` is called, so the counting sees inside the
+    hooks that :func:`~inplace_abn.enable_recompute` puts on the model). The model's modes, running
+    statistics and the random state are left as they were."""
     from ..training.memory import SavedTensorMeter  # moves to inplace_abn.memory (task realbench)
 
-    meter = SavedTensorMeter([*model.parameters(), *model.buffers()])
+    class Meter(SavedTensorMeter):
+        def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if recompute.is_recomputed(tensor) else super()._pack(tensor)
+
+    meter = Meter([*model.parameters(), *model.buffers()])
     with _Preserved(model):
         model.train()
-        with meter:
-            output = model(*_copies(as_tuple(sample_input)))
+        with recompute.recompute_scope(), meter:
+            output = model.forward(*_copies(as_tuple(sample_input)))
         del output  # kept alive until here, so no storage was freed and its address reused
     return meter.bytes
 

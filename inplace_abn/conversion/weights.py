@@ -5,14 +5,12 @@ normalizations fold into the layer before them."""
 from __future__ import annotations
 
 import collections
-import warnings
 from typing import Optional
 
 import torch
 from torch import fx, nn
 
-from .. import modules as layers
-from ..modules import ABN, InPlaceABN, InPlaceABNSync
+from ..modules import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN
 from .report import IN_PLACE, RECOMPUTE
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -71,24 +69,18 @@ def small_channels(bn: _BatchNorm) -> int:
     return int((bn.weight.abs() < bn.eps).sum()) if bn.affine else 0
 
 
-def recompute_layer_class() -> Optional[type]:
-    return getattr(layers, "RecomputeABN", None)
-
-
 def new_layer(bn: _BatchNorm, activation: str, param: float, mode: str, sync: bool, group=None) -> ABN:
     """The layer replacing ``bn``, on its device and in its dtype (state not loaded yet)."""
     reference = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, activation, param)
-    with warnings.catch_warnings():  # a lossy activation warns that it is not in place: the report says so
-        warnings.simplefilter("ignore")
-        if sync:
-            return InPlaceABNSync(*args, group, in_place=mode == IN_PLACE, **factory)
-        if mode == IN_PLACE:
-            return InPlaceABN(*args, **factory)
-        if mode == RECOMPUTE:
-            return recompute_layer_class()(*args, **factory)
-        return ABN(*args, **factory)
+    if sync:
+        return InPlaceABNSync(*args, group, in_place=mode == IN_PLACE, **factory)
+    if mode == IN_PLACE:
+        return InPlaceABN(*args, **factory)
+    if mode == RECOMPUTE:
+        return RecomputeABN(*args, **factory)
+    return ABN(*args, **factory)
 
 
 @torch.no_grad()
