@@ -140,6 +140,7 @@ def timm_cspresnet(model):
         if isinstance(module, BatchNormAct2d):
             linear = isinstance(module.act, nn.Identity)
             expected[name] = ("norm" if linear else "norm-act", act_name(module.act), False)
+    for name, module in model.named_modules():
         if isinstance(module, timm_cspnet.BottleneckBlock):
             expected[f"{name}.conv3.bn"] = ("norm-add-act", act_name(module.act3), False)
     return expected
