@@ -35,23 +35,23 @@ def assert_close(actual, expected, rtol, what, floor=0.0):
     assert error <= rtol * scale + floor or error == 0, f"{what}: error {error:.3g} over scale {scale:.3g}"
 
 
-def _sign_factors(original, converted):
+def _sign_factors(original, converted, rename):
     """Per parameter of the original, the factor (+1 or -1 per element) its gradient has in the converted
     model: weights the converter negated (a channel's sign moved into the conv before the norm), and the
-    layers' ``weight``, which is ``|w| - eps`` where the BatchNorm had ``w``."""
+    norms' ``weight``, whose sign went there too (a layer's is ``|w| - eps``, scaling by ``|w|``)."""
     converted_parameters = dict(converted.named_parameters())
     converted_modules = dict(converted.named_modules())
     factors = {}
     for name, parameter in original.named_parameters():
-        twin = converted_parameters[name]
-        owner = converted_modules[name.rpartition(".")[0]]
-        if isinstance(owner, ABN) and name.endswith("weight"):
-            assert_close(twin.abs() + owner.eps, parameter.abs(), 1e-12, f"|weight| of {name}")
-            factors[name] = torch.where(parameter < 0, -1.0, 1.0).to(parameter)
-            continue
-        assert torch.equal(twin.abs(), parameter.abs()), f"{name} changed beyond a sign"
+        twin = converted_parameters[rename(name)]
+        owner = converted_modules[rename(name).rpartition(".")[0]]
         one = torch.ones_like(parameter)  # copysign: a negated 0.0 is -0.0, so zeros tell their sign too
         factors[name] = (torch.copysign(one, twin) * torch.copysign(one, parameter)).detach()
+        if isinstance(owner, (ABN, BatchNorm)) and name.endswith("weight"):
+            scale = twin.abs() + owner.eps if isinstance(owner, ABN) else twin.abs()
+            assert_close(scale, parameter.abs(), 1e-12, f"|weight| of {name}")
+        else:
+            assert torch.equal(twin.abs(), parameter.abs()), f"{name} changed beyond a sign"
     return factors
 
 
@@ -68,26 +68,27 @@ def _step(model, x, seed, grad=None):
     return output.detach(), x.grad, {name: p.grad for name, p in model.named_parameters()}, grad
 
 
-def _check_running_statistics(original, converted, rtol):
+def _check_running_statistics(original, converted, factors, rename, rtol):
     converted_modules = dict(converted.named_modules())
     for name, bn in original.named_modules():
         if not isinstance(bn, BatchNorm) or not bn.track_running_stats:
             continue
-        layer = converted_modules[name]
-        sign = torch.where(bn.weight < 0, -1.0, 1.0).to(bn.running_mean) if isinstance(layer, ABN) and bn.affine else 1.0
+        layer = converted_modules[rename(f"{name}.weight").rpartition(".")[0]]
+        sign = factors[f"{name}.weight"] if bn.affine else 1.0  # the mean flips where the weight's sign moved
         assert_close(layer.running_mean, sign * bn.running_mean, rtol, f"running_mean of {name}")
         assert_close(layer.running_var, bn.running_var, rtol, f"running_var of {name}")
         assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked), name
 
 
-def assert_converted_exactly(original, converted, x, rtol=1e-9, steps=("train", "eval")):
+def assert_converted_exactly(original, converted, x, rtol=1e-9, steps=("train", "eval"), rename=lambda name: name):
     """The converted model computes what the original does, within ``rtol`` relative to each tensor's scale:
     for each mode in ``steps`` (in that order), one forward and backward of both with the same output
     gradient; outputs, input gradients and parameter gradients (mapped through the sign moves) agree, and
     so do the running statistics after each step. Parameter gradients also get a floor of 1e-12 of the
     largest one: those that are zero in exact arithmetic (the bias of a BatchNorm whose output another
-    training-mode BatchNorm normalizes again) are rounding noise in both models."""
-    factors = _sign_factors(original, converted)
+    training-mode BatchNorm normalizes again) are rounding noise in both models. ``rename`` maps a
+    parameter name of the original to the converted model's (they are the same unless converted back)."""
+    factors = _sign_factors(original, converted, rename)
     for seed, mode in enumerate(steps):
         original.train(mode == "train")
         converted.train(mode == "train")
@@ -97,8 +98,9 @@ def assert_converted_exactly(original, converted, x, rtol=1e-9, steps=("train", 
         assert_close(dx_c, dx_o, rtol, f"{mode} input gradient")
         largest = max(g.abs().max().item() for g in grads_o.values() if g is not None)
         for name, grad_o in grads_o.items():
+            grad_c = grads_c[rename(name)]
             if grad_o is None:
-                assert grads_c[name] is None, name
+                assert grad_c is None, name
                 continue
-            assert_close(grads_c[name], factors[name] * grad_o, rtol, f"{mode} gradient of {name}", 1e-12 * largest)
-        _check_running_statistics(original, converted, rtol)
+            assert_close(grad_c, factors[name] * grad_o, rtol, f"{mode} gradient of {name}", 1e-12 * largest)
+        _check_running_statistics(original, converted, factors, rename, rtol)

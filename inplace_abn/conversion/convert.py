@@ -4,7 +4,6 @@ exactly and the least memory, and put it in, with weights converted and forwards
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
 from typing import Optional
 
@@ -14,8 +13,8 @@ from .. import functions
 from ..activations import Activation, describe as describe_activation, make_activation
 from ..recompute import enable_recompute
 from . import recognise
-from .graph import (Edit, Region, aliases, apply_rewrites, describe, has_fresh_output, modified_in_place_by,
-                    plan_rewrites, set_submodule, traced_regions)
+from .graph import (Edit, Region, aliases, apply_rewrites, copy_model, describe, has_fresh_output,
+                    modified_in_place_by, plan_rewrites, set_submodule, traced_regions)
 from .patterns import IDENTITY, NORM_ACT, GateMatch, Match, find_gate, is_gate_product, match
 from .report import (IN_PLACE, OUT_OF_PLACE, RECOMPUTE, UNCHANGED, ConversionReport, LayerConversion, SampleInput,
                      max_output_difference, saved_activation_bytes)
@@ -351,7 +350,7 @@ def convert_to_abn(
     if relu_to == "leaky_relu" and not relu_slope > 0:
         raise ValueError(f"relu_slope must be > 0 to run in place (got {relu_slope}); relu_to='relu' keeps ReLU exactly.")
     options = _Options(in_place, relu_to, float(relu_slope), sync, clamp_small_weights)
-    converted = copy.deepcopy(model)
+    converted = copy_model(model)
     parameter_uses = collections.Counter(id(p) for _, p in converted.named_parameters(remove_duplicate=False))
     report = ConversionReport(layers=[])
     for region in traced_regions(converted, recognise.is_batchnorm, report.untraced):

@@ -5,7 +5,6 @@ called with a shortcut and ``channel_gate`` calls become standard ops in the rew
 from __future__ import annotations
 
 import collections
-import copy
 import operator
 from typing import Callable, Optional
 
@@ -14,7 +13,7 @@ from torch import fx, nn
 from .. import functions
 from ..activations import make_activation
 from ..modules import ABN
-from .graph import Edit, apply_rewrites, plan_rewrites, set_submodule, traced_regions
+from .graph import Edit, apply_rewrites, copy_model, plan_rewrites, set_submodule, traced_regions
 from .recognise import standard_activation_module
 from .weights import feeding_layer, fold, standard_batchnorm
 
@@ -85,7 +84,7 @@ def convert_to_batchnorm(model: nn.Module, batch_norm: Callable[..., _BatchNorm]
 
     Raises ``ValueError`` where a layer called with a shortcut, or a ``channel_gate`` call, sits in a
     forward that cannot be rewritten."""
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     if isinstance(model, ABN):
         return _standard_layers(model, batch_norm)
     planned = []
@@ -134,7 +133,7 @@ def fuse_conv_abn(model: nn.Module) -> nn.Module:
     else, stay as they are."""
     if any(isinstance(m, ABN) and m.training for m in model.modules()):
         raise ValueError("fuse_conv_abn folds running statistics, for inference: call model.eval() first.")
-    fused = copy.deepcopy(model)
+    fused = copy_model(model)
     parameter_uses = collections.Counter(id(p) for _, p in fused.named_parameters(remove_duplicate=False))
     for region in traced_regions(fused, _has_layers_or_gates, []):
         modules = dict(region.module.named_modules())

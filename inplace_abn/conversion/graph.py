@@ -4,6 +4,7 @@ uses its tensor; and rewriting the forward of the smallest submodule that holds 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import operator
@@ -353,6 +354,13 @@ def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
             setattr(rewritten, name, value)
     rewritten.training = module.training
     return rewritten
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its process groups: the copy synchronizes over the same ones
+    (and a torch.distributed ProcessGroup cannot be copied)."""
+    groups = (getattr(m, attribute, None) for m in model.modules() for attribute in ("process_group", "group"))
+    return copy.deepcopy(model, memo={id(group): group for group in groups if group is not None})
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
