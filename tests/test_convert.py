@@ -21,7 +21,7 @@ from conversion_checks import assert_converted_exactly, randomize_batchnorms
 from inplace_abn import (ABN, InPlaceABN, InPlaceABNSync, RecomputeABN, channel_gate, convert_to_abn,
                          convert_to_batchnorm, fuse_conv_abn)
 from inplace_abn.activations import ACTIVATIONS, make_activation
-from inplace_abn.conversion import markdown_table, saved_activation_bytes
+from inplace_abn.conversion import markdown_table, modes_table, saved_activation_bytes
 from inplace_abn.conversion import recognise
 
 
@@ -589,9 +589,9 @@ def test_bad_options_say_what_to_pass():
         convert_to_abn(model, relu_to="gelu")
 
 
-def test_the_documented_pattern_table_is_the_converters():
+def test_the_documented_tables_are_the_converters():
     docs = (pathlib.Path(__file__).parent.parent / "docs" / "migrating.md").read_text()
-    assert markdown_table() in docs
+    assert markdown_table() in docs and modes_table() in docs
 
 
 # --- convert_to_batchnorm and fuse_conv_abn --------------------------------------------------------

@@ -352,7 +352,7 @@ def convert_to_abn(
     options = _Options(in_place, relu_to, float(relu_slope), sync, clamp_small_weights)
     converted = copy_model(model)
     parameter_uses = collections.Counter(id(p) for _, p in converted.named_parameters(remove_duplicate=False))
-    report = ConversionReport(layers=[])
+    report = ConversionReport(layers=[], relu_to=relu_to)
     for region in traced_regions(converted, recognise.is_batchnorm, report.untraced):
         replacement = _convert_region(region, options, parameter_uses, report)
         if replacement is not None:

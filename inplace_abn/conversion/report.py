@@ -18,13 +18,20 @@ MODES = {
     IN_PLACE: "`InPlaceABN`: writes its output over its input and keeps only that output (plus one bit per "
               "element for silu / gelu / mish, plus the shortcut if it has one): one buffer per norm + act",
     RECOMPUTE: "`RecomputeABN`: keeps its input and the per-channel statistics (plus the shortcut); its output "
-               "is rebuilt elementwise in backward wherever the next op kept it: one buffer, any activation, "
-               "and its input may be used elsewhere",
+               "is rebuilt elementwise in backward wherever the next op kept it (stored instead where its "
+               "shortcut is itself rebuilt, so that rebuilding never chains): one buffer, any activation, and "
+               "its input may be used elsewhere",
     OUT_OF_PLACE: "`ABN` (`in_place=False`): keeps what BatchNorm + activation kept",
     UNCHANGED: "left as it was; the report says why",
 }
 
 SampleInput = Union[torch.Tensor, tuple]
+
+
+def modes_table() -> str:
+    """The modes as docs/migrating.md shows them (a test keeps the two equal)."""
+    return "\n".join(["| mode | what the layer keeps for backward |", "|---|---|",
+                      *(f"| {mode} | {stores} |" for mode, stores in MODES.items())])
 
 
 @dataclasses.dataclass
@@ -72,6 +79,7 @@ class ConversionReport:
     rewritten: list[str] = dataclasses.field(default_factory=list)  #: submodules given a new forward ("" = the model)
     untraced: list[str] = dataclasses.field(default_factory=list)  #: parts fx could not trace, and why
     recompute: bool = False  #: :func:`inplace_abn.enable_recompute` was installed on the model
+    relu_to: str = "relu"  #: what ReLU became (the ``relu_to`` argument)
     saved_bytes_before: Optional[int] = None  #: see :func:`saved_activation_bytes`; needs ``sample_input``
     saved_bytes_after: Optional[int] = None
     max_output_difference: Optional[float] = None  #: eval mode, on ``sample_input``
@@ -112,6 +120,10 @@ class ConversionReport:
             lines.append("  patterns: " + ", ".join(f"{name} {count}" for name, count in patterns.items())
                          + f"; SE gates fused: {gates}")
         lines += [f"  {layer}" for layer in self.layers]
+        kept_relu = sum(layer.mode == RECOMPUTE and "relu is lossy" in layer.reason for layer in self.layers)
+        if self.relu_to == "relu" and kept_relu:
+            lines.append(f"  {kept_relu} layers keep ReLU exactly, in recompute mode (relu_to='relu', the default); "
+                         "relu_to='leaky_relu' runs them in place with leaky_relu, changing the outputs slightly")
         if self.rewritten:
             names = ", ".join(name or "the model itself" for name in self.rewritten)
             lines.append(f"  forwards rewritten (fx.GraphModule, same submodule names): {names}")
