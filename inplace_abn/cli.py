@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("train", "train a segmentation or classification network"),
     "evaluate": ("evaluate", "evaluate a trained network and write predictions"),
     "demo": ("demo", "train the same small DeepLabV3 with BatchNorm and InPlace-ABN on built-in data, and compare"),
+    "convert-original": ("convert_original", "the original inplace_abn model zoo's checkpoints -> this package's format"),
 }
 
 

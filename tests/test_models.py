@@ -145,15 +145,20 @@ def test_invalid_output_stride():
         resnet18(output_stride=12)
 
 
-@pytest.mark.parametrize("backbone,output_stride", [("resnet18", 16), ("wider_resnet38_a2", 8), ("densenet121", 16)])
-def test_deeplabv3_output_matches_input_size(backbone, output_stride):
+@pytest.mark.parametrize("backbone,output_stride,head", [
+    ("resnet18", 16, "paper"), ("wider_resnet38_a2", 8, "paper"), ("densenet121", 16, "aspp"),
+])
+def test_deeplabv3_output_matches_input_size(backbone, output_stride, head):
     model = build("deeplabv3_" + backbone, num_classes=4, output_stride=output_stride, width_multiplier=1 / 16,
-                  hidden_channels=8)
+                  hidden_channels=8, head=head)
     images = torch.randn(2, 3, 50, 70)
     out = model(images)
     assert out.shape == (2, 4, 50, 70)
     out.mean().backward()
-    rates = [branch[0].dilation[0] for branch in model.head.aspp.branches[1:]]
+    if head == "paper":
+        rates = [conv.dilation[0] for conv in model.head.map_convs[1:]]
+    else:
+        rates = [branch[0].dilation[0] for branch in model.head.branches[1:]]
     assert rates == ([12, 24, 36] if output_stride == 8 else [6, 12, 18])
 
 
