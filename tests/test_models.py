@@ -234,3 +234,30 @@ def test_default_backend(monkeypatch):
     torch.testing.assert_close(_train_step(in_place, images), _train_step(reference, images), rtol=1e-4, atol=1e-4)
     for p_ref, p_ours in zip(reference.parameters(), in_place.parameters()):
         torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_v1_is_torchvision_resnet(name):
+    """ResNet v1 with BatchNorm + ReLU is torchvision's ResNet (an independent definition of the same
+    network): its weights, renamed, give the same outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    reference = getattr(torchvision.models, name)(num_classes=10).double().eval()
+    for module in reference.modules():  # non-trivial statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1), module.running_var.uniform_(0.5, 2.0), module.weight.data.normal_()
+    ours = build(name + "_v1", num_classes=10, norm_act=batchnorm_act("relu")).double().eval()
+    top_level = {"conv1": "mod1.conv1", "bn1": "mod1.bn1", "fc": "classifier.fc"}
+    in_block = {"downsample.0": "proj_conv", "downsample.1": "proj_bn"}
+    state = {}
+    for key, value in reference.state_dict().items():
+        parts = key.split(".")
+        if parts[0].startswith("layer"):  # layer<S>.<B>.<layer>.<tensor>
+            stage, block, layer = int(parts[0][len("layer"):]), int(parts[1]), ".".join(parts[2:-1])
+            key = f"mod{stage + 1}.block{block + 1}.{in_block.get(layer, 'convs.' + layer)}.{parts[-1]}"
+        else:
+            key = f"{top_level[parts[0]]}.{parts[-1]}"
+        state[key] = value
+    ours.load_state_dict(state)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), reference(images), rtol=1e-10, atol=1e-10)

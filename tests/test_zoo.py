@@ -339,9 +339,9 @@ IMAGENET = {
     "resnext101": (lambda: resnext_layout([3, 4, 23, 3], groups=64), "resnext", "resnext101_64x2d"),
     "resnext152": (lambda: resnext_layout([3, 8, 36, 3], groups=64), "resnext", "resnext152_64x2d"),
     "densenet264": (lambda: densenet_layout([6, 12, 64, 48]), "densenet", "densenet264"),
-    "resnet34": (lambda: resnet_layout([3, 4, 6, 3], bottleneck=False), "resnet", "resnet34"),
-    "resnet50": (lambda: resnet_layout([3, 4, 6, 3], bottleneck=True), "resnet", "resnet50"),
-    "resnet101": (lambda: resnet_layout([3, 4, 23, 3], bottleneck=True), "resnet", "resnet101"),
+    "resnet34": (lambda: resnet_layout([3, 4, 6, 3], bottleneck=False), "resnet", "resnet34_v1"),
+    "resnet50": (lambda: resnet_layout([3, 4, 6, 3], bottleneck=True), "resnet", "resnet50_v1"),
+    "resnet101": (lambda: resnet_layout([3, 4, 23, 3], bottleneck=True), "resnet", "resnet101_v1"),
 }
 
 
@@ -528,3 +528,23 @@ def test_init_from_original_puts_imagenet_weights_into_the_segmentation_body(tmp
         _close(model.body.eval()(images), Reference(body_state).wider_resnet(images, a2=True, dilation=True))
     with pytest.raises(OriginalFileError, match="does not fit"):
         init_from_original(build("resnet18", num_classes=5, width_multiplier=WIDTH), path)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "resnet18_v1", "densenet121",
+                                  "wider_resnet16", "deeplabv3_resnet50"])
+def test_every_family_is_inferred_from_its_keys_and_shapes(name, tmp_path):
+    """This package's own networks, saved as the original would (no num_batches_tracked, ``module.``),
+    are recognised with their builder arguments."""
+    kwargs = dict(num_classes=7, width_multiplier=WIDTH, input_3x3=name.startswith(("resnet50", "resnext")))
+    if name.endswith("_v1") or "wider" in name or name.startswith("deeplabv3_"):
+        del kwargs["input_3x3"]
+    if name.startswith("deeplabv3_"):
+        kwargs.update(hidden_channels=_c(256), output_stride=8, pooling_size=(84, 84))
+    state = {f"module.{key}": value for key, value in build(name, **kwargs).state_dict().items()
+             if not key.endswith("num_batches_tracked")}
+    arch = "wider_resnet16" if "wider" in name else "unused"
+    weights = read_original(_save(tmp_path / "file.pth", {"arch": arch, "state_dict": state}))
+    if name == "deeplabv3_resnet50":  # the original's only segmentation model has a WiderResNet body
+        assert weights.network == name and weights.kwargs["input_3x3"] is False
+        kwargs["input_3x3"] = False
+    assert (weights.network, weights.kwargs) == (name, kwargs)

@@ -17,8 +17,9 @@ from .deeplab import ASPP, DeepLabV3, DeepLabV3Head, deeplabv3
 from .densenet import DenseModule, DenseNet, densenet121, densenet169, densenet201, densenet264
 from .norm_act import BatchNormAct2d, CheckpointedBatchNormAct2d, batchnorm_act, checkpointed_batchnorm_act
 from .resnet import (
-    ResNet, ResNeXt, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext50_64x2d,
-    resnext101_32x4d, resnext101_64x2d, resnext152_32x4d, resnext152_64x2d,
+    ResNet, ResNetV1, resnet18, resnet18_v1, resnet34, resnet34_v1, resnet50, resnet50_v1, resnet101, resnet101_v1,
+    resnet152, resnet152_v1, resnext50_32x4d, resnext50_64x2d, resnext101_32x4d, resnext101_64x2d, resnext152_32x4d,
+    resnext152_64x2d,
 )
 from .wider_resnet import WiderResNet, wider_resnet16, wider_resnet20, wider_resnet38, wider_resnet38_a2
 from .zoo import OriginalFileError, OriginalWeights, init_from_original, load_original, read_original
@@ -28,6 +29,7 @@ BACKBONES = {
     builder.__name__: builder
     for builder in (
         resnet18, resnet34, resnet50, resnet101, resnet152,
+        resnet18_v1, resnet34_v1, resnet50_v1, resnet101_v1, resnet152_v1,
         resnext50_32x4d, resnext101_32x4d, resnext152_32x4d, resnext50_64x2d, resnext101_64x2d, resnext152_64x2d,
         wider_resnet16, wider_resnet20, wider_resnet38, wider_resnet38_a2,
         densenet121, densenet169, densenet201, densenet264,
@@ -51,9 +53,10 @@ def build(name: str, **kwargs) -> nn.Module:
 __all__ = [
     "ASPP", "BACKBONES", "Backbone", "BatchNormAct2d", "CheckpointedBatchNormAct2d", "DeepLabV3", "DeepLabV3Head",
     "DenseModule", "DenseNet", "OriginalFileError", "OriginalWeights", "PostActivationBlock", "PreActivationBlock",
-    "ResNeXt", "ResNet", "WiderResNet", "batchnorm_act", "build", "checkpointed_batchnorm_act", "deeplabv3",
+    "ResNet", "ResNetV1", "WiderResNet", "batchnorm_act", "build", "checkpointed_batchnorm_act", "deeplabv3",
     "densenet121", "densenet169", "densenet201", "densenet264", "init_from_original", "load_original",
-    "network_names", "norm_act", "read_original", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext50_64x2d", "resnext101_32x4d", "resnext101_64x2d", "resnext152_32x4d",
-    "resnext152_64x2d", "wider_resnet16", "wider_resnet20", "wider_resnet38", "wider_resnet38_a2",
+    "network_names", "norm_act", "read_original", "resnet18", "resnet18_v1", "resnet34", "resnet34_v1",
+    "resnet50", "resnet50_v1", "resnet101", "resnet101_v1", "resnet152", "resnet152_v1", "resnext50_32x4d",
+    "resnext50_64x2d", "resnext101_32x4d", "resnext101_64x2d", "resnext152_32x4d", "resnext152_64x2d",
+    "wider_resnet16", "wider_resnet20", "wider_resnet38", "wider_resnet38_a2",
 ]

@@ -51,11 +51,11 @@ PUBLISHED_FILES = {
                                                       "ResNeXt-101, InPlace-ABN sync (ImageNet top-1 77.70)"),
     "0b413d67b725619441d0646d663865bf": PublishedFile("densenet264", "inplace_abn",
                                                       "DenseNet-264, InPlace-ABN (ImageNet top-1 78.57)"),
-    "2522ca639f7fdfd7c0089ba1f5f6c2e8": PublishedFile("resnet50", "inplace_abn",
+    "2522ca639f7fdfd7c0089ba1f5f6c2e8": PublishedFile("resnet50_v1", "inplace_abn",
                                                       "ResNet-50 v1, InPlace-ABN sync (ImageNet top-1 75.53)"),
-    "61515c1484911c3cc753d405131e1dda": PublishedFile("resnet34", "inplace_abn",
+    "61515c1484911c3cc753d405131e1dda": PublishedFile("resnet34_v1", "inplace_abn",
                                                       "ResNet-34 v1, InPlace-ABN sync (ImageNet top-1 73.27)"),
-    "1552ae0f3d610108df702135f56bd27b": PublishedFile("resnet101", "inplace_abn",
+    "1552ae0f3d610108df702135f56bd27b": PublishedFile("resnet101_v1", "inplace_abn",
                                                       "ResNet-101 v1, InPlace-ABN sync (ImageNet top-1 77.07)"),
     "913f78486a34aa1577a7cd295e8a33bb": PublishedFile("deeplabv3_wider_resnet38_a2", "inplace_abn",
                                                       "WideResNet-38-A2 + DeepLabV3, Mapillary Vistas (val mIoU 53.42)"),
@@ -284,8 +284,14 @@ def _from_converted(checkpoint: Mapping, network: Optional[str], source: str) ->
 
 
 def _family(network: str) -> str:
-    for family in ("deeplabv3_", "wider_resnet", "resnext", "resnet", "densenet"):
-        if network.startswith(family):
+    """Networks of one family share a constructor, so the builder arguments inferred for one fit another."""
+    if network.startswith("deeplabv3_"):
+        return "deeplabv3"
+    if network.endswith("_v1"):
+        return "resnet_v1"
+    for family, prefixes in (("resnet", ("resnet", "resnext")), ("wider_resnet", ("wider_resnet",)),
+                             ("densenet", ("densenet",))):
+        if network.startswith(prefixes):
             return family
     return network
 
@@ -296,13 +302,14 @@ def _blocks(state: Mapping[str, torch.Tensor], module: str, pattern: str) -> int
     return len({match.group(1) for match in map(expression.match, state) if match})
 
 
-#: layer counts -> depth, per family
+#: blocks per module -> depth
 _WIDER_RESNET_DEPTHS = {(1, 1, 1, 1, 1, 1): 16, (1, 1, 1, 3, 1, 1): 20, (3, 3, 6, 3, 1, 1): 38}
+#: (blocks per stage, bottleneck) -> depth: ResNet v1 and the pre-activation ResNet / ResNeXt alike
 _RESNET_DEPTHS = {
     ((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50, ((3, 4, 23, 3), True): 101,
     ((3, 8, 36, 3), True): 152,
 }
-_RESNEXT_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
+#: layers per dense module -> depth
 _DENSENET_DEPTHS = {(6, 12, 24, 16): 121, (6, 12, 32, 32): 169, (6, 12, 48, 32): 201, (6, 12, 64, 48): 264}
 
 
@@ -372,18 +379,20 @@ def _infer_backbone(state: Mapping[str, torch.Tensor], a2: Optional[bool], sourc
         bottleneck = "mod2.block1.convs.conv3.weight" in state
         depth = _RESNET_DEPTHS.get((structure, bottleneck))
         if depth is None:
-            raise OriginalFileError(f"{source}: a ResNet with {structure} {'bottleneck' if bottleneck else 'basic'} "
+            raise OriginalFileError(f"{source}: a ResNet v1 with {structure} {'bottleneck' if bottleneck else 'basic'} "
                                     "blocks per stage, not ResNet-18/34/50/101/152")
-        return f"resnet{depth}", {**kwargs, **_width(stem_channels, 64)}
+        return f"resnet{depth}_v1", {**kwargs, **_width(stem_channels, 64)}
     kwargs["input_3x3"] = "mod1.conv2.weight" in state
-    if "mod2.block1.bn1.weight" in state:  # pre-activation bottleneck blocks: ResNeXt
-        depth = _RESNEXT_DEPTHS.get(structure)
-        grouped = state.get("mod2.block1.convs.conv2.weight")
-        if depth is None or grouped is None:
-            raise OriginalFileError(f"{source}: a pre-activation network with {structure} blocks per stage, not "
-                                    "ResNeXt-50/101/152")
+    if "mod2.block1.bn1.weight" in state:  # pre-activation blocks: the original's ResNeXt layout
+        bottleneck = "mod2.block1.convs.conv3.weight" in state
+        depth = _RESNET_DEPTHS.get((structure, bottleneck))
+        if depth is None:
+            raise OriginalFileError(f"{source}: a pre-activation network with {structure} "
+                                    f"{'bottleneck' if bottleneck else 'basic'} blocks per stage, not ResNet-18/34/50/"
+                                    "101/152 or ResNeXt-50/101/152")
+        grouped = state["mod2.block1.convs.conv2.weight"]
         groups = grouped.shape[0] // grouped.shape[1]
-        network = f"resnext{depth}_{groups}x{128 // groups}d"
+        network = f"resnet{depth}" if groups == 1 else f"resnext{depth}_{groups}x{128 // groups}d"
         from . import BACKBONES
 
         if network not in BACKBONES:
