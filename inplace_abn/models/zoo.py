@@ -18,7 +18,7 @@ from ..modules import ABN
 
 __all__ = [
     "CONVERTED_FORMAT", "IMAGENET_PREPROCESSING", "PUBLISHED_FILES", "VISTAS_PREPROCESSING", "OriginalFileError", "OriginalWeights", "converted_checkpoint",
-    "init_from_original", "load_original", "read_original", "weights_from_checkpoint",
+    "init_from_original", "load_original", "load_weights", "read_original", "weights_from_checkpoint",
 ]
 
 #: ``format`` of the files ``inplace-abn convert-original`` writes (see :func:`converted_checkpoint`)
