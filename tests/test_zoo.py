@@ -480,9 +480,10 @@ def test_a_file_that_carries_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(OriginalFileError, match=r"refused: loading it would call os\.makedirs"):
         read_original(str(path))
     assert not marker.exists()
-    with pytest.raises(OriginalFileError, match="not a PyTorch checkpoint"):
-        (tmp_path / "noise.pth").write_bytes(os.urandom(256))
-        read_original(str(tmp_path / "noise.pth"))
+    for name, contents in (("text.pth", b"not a checkpoint\n" * 16), ("empty.pth", b"")):
+        (tmp_path / name).write_bytes(contents)
+        with pytest.raises(OriginalFileError, match="not a PyTorch checkpoint"):
+            read_original(str(tmp_path / name))
 
 
 def test_a_file_that_fits_no_network_says_what_did_not_match(tmp_path):
