@@ -38,7 +38,8 @@ class MemoryProbe:
     Invisible on CPU: tensors freed in the block that were allocated before it (the allocator does not
     know their size then; keep them alive past the block), allocations on threads the profiler does
     not follow (those the block starts itself; autograd's CPU backward runs on the calling thread), and
-    memory that does not come from PyTorch's allocator (oneDNN's internal scratch space, Python objects).
+    memory that does not come from PyTorch's CPU allocator (Python objects, a library's own ``malloc``;
+    oneDNN's reordered copies inside a convolution do come from it and are counted).
     """
 
     def __init__(self, device: Union[str, torch.device] = "cpu"):
