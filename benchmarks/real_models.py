@@ -425,7 +425,7 @@ def main(argv=None) -> int:
         "device": str(device), "device_name": where, "threads": args.threads, "batch_size": args.batch,
         "size": list(args.size), "warmup": args.warmup, "rounds": args.rounds, "steps": args.steps,
         "memory": "max_memory_allocated" if device.type == "cuda" else "torch.profiler allocation events",
-        "variants": {name: VARIANTS[name].description for name in args.variants},
+        "variants": {name: VARIANTS[name].description for name in dict.fromkeys(["original", *args.variants])},
     }
     print(f"\nbatch {args.batch}, {args.size[0]}x{args.size[1]}, float32, {device} ({where}), {args.threads} threads; "
           f"memory above the resting state ({meta['memory']}); step time: median of {args.rounds} interleaved "

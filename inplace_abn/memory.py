@@ -34,7 +34,9 @@ class MemoryProbe:
     reports every allocation (positive size) and free (negative) to it, and the probe adds them up in
     time order (``prof.profiler.kineto_results.events()``, the events named ``[memory]``; a mark is a
     ``record_function`` range whose start splits the stream). ``prof.events()`` is not used: it folds
-    each allocation into the operator that made it, so an operator's own temporaries cancel out there.
+    each allocation into the operator that made it, so an operator's own temporaries cancel out there;
+    ``prof._memory_profile()`` (``torch.profiler._memory_profiler``) reads the same stream but needs
+    ``record_shapes`` and ``with_stack``, which slow the step down.
     Invisible on CPU: tensors freed in the block that were allocated before it (the allocator does not
     know their size then; keep them alive past the block), allocations on threads the profiler does
     not follow (those the block starts itself; autograd's CPU backward runs on the calling thread), and
@@ -76,7 +78,7 @@ class MemoryProbe:
     def mark(self, name: str) -> None:
         """Record the allocated bytes now (above the start) as ``marks[name]``, available after the block."""
         if not self._running:
-            raise RuntimeError("MemoryProbe.mark is called inside the probe's with-block.")
+            raise RuntimeError("MemoryProbe.mark() must be called inside the probe's with-block.")
         if name in self._mark_order:
             raise ValueError(f"Mark {name!r} was already set in this block; give each mark its own name.")
         self._mark_order.append(name)
