@@ -550,6 +550,11 @@ def test_memory_report_counts_saved_storages_and_leaves_the_model_alone():
     assert report.saved_bytes_before // activation == 3 * depth + 1
     assert report.saved_bytes_after // activation == depth + 1
     assert saved_activation_bytes(converted, x) == report.saved_bytes_after
+    # The allocator agrees: after the forward, two full-size tensors fewer per layer are alive (the
+    # input was allocated before the measured forward, the output is alive in both).
+    freed = report.held_bytes_before - report.held_bytes_after
+    assert abs(freed - 2 * depth * activation) < activation / 2
+    assert report.peak_bytes_after < report.peak_bytes_before
     assert report.max_output_difference < 1e-5
     assert "saved for backward" in str(report) and "3 in place" in str(report)
     for key, value in model.state_dict().items():  # the original's running statistics are untouched

@@ -209,11 +209,14 @@ def test_relu_to_leaky_relu_runs_resnet_in_place_and_changes_only_the_activation
 
 
 def test_saved_memory_of_real_models():
-    """The report measures the bytes saved for backward before and after (the recompute-mode outputs are
-    rebuilt, so not counted): a ResNet keeps about half, an EfficientNet-style network less than before."""
+    """The report measures the memory before and after: the saved tensors (the recompute-mode outputs are
+    rebuilt, so not counted) and, at the allocator, what a training forward leaves. (At this size the peak
+    of a step is the parameter gradients': tests/test_convert.py compares peaks where activations count.)"""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     for model in (torchvision.models.resnet18(), timm.create_model("mobilenetv3_small_050")):
         converted, report = convert_to_abn(model, sample_input=x)
-        assert report.saved_bytes_after < 0.75 * report.saved_bytes_before, str(report).splitlines()[-2]
+        summary = "\n".join(str(report).splitlines()[-4:])
+        assert report.saved_bytes_after < 0.75 * report.saved_bytes_before, summary
+        assert report.held_bytes_after < 0.75 * report.held_bytes_before, summary
         assert report.max_output_difference < 1e-4

@@ -12,7 +12,7 @@ modules for deployment. What it recognises is the table :data:`PATTERNS` (docs/m
 from .convert import convert_to_abn
 from .deploy import convert_to_batchnorm, fuse_conv_abn
 from .patterns import ALL_PATTERNS, GATE, PATTERNS, Pattern, markdown_table
-from .report import MODES, ConversionReport, LayerConversion, modes_table, saved_activation_bytes
+from .report import MODES, ConversionReport, LayerConversion, StepMemory, modes_table, saved_activation_bytes, step_memory
 
 __all__ = [
     "ALL_PATTERNS",
@@ -22,10 +22,12 @@ __all__ = [
     "MODES",
     "PATTERNS",
     "Pattern",
+    "StepMemory",
     "convert_to_abn",
     "convert_to_batchnorm",
     "fuse_conv_abn",
     "markdown_table",
     "modes_table",
     "saved_activation_bytes",
+    "step_memory",
 ]

@@ -17,7 +17,7 @@ from .graph import (Edit, Region, aliases, apply_rewrites, copy_model, describe,
                     modified_in_place_by, plan_rewrites, set_submodule, traced_regions)
 from .patterns import IDENTITY, NORM_ACT, GateMatch, Match, find_gate, is_gate_product, match
 from .report import (IN_PLACE, OUT_OF_PLACE, RECOMPUTE, UNCHANGED, ConversionReport, LayerConversion, SampleInput,
-                     max_output_difference, saved_activation_bytes)
+                     max_output_difference, saved_activation_bytes, step_memory)
 from .weights import feeding_layer, load_batchnorm, negative_channels, new_layer, small_channels
 
 
@@ -341,9 +341,10 @@ def convert_to_abn(
             ``nn.SyncBatchNorm`` and timm's SyncBatchNormAct always become InPlaceABNSync, with their group.
         clamp_small_weights: convert channels with ``|w| < eps`` too, scaling them by eps (not exact);
             by default their BatchNorm stays as it was.
-        sample_input: a tensor or tuple of inputs; with it, the report has the bytes saved for backward
-            before and after (training mode) and the largest output difference (eval mode). Running
-            statistics and random state are left as they were.
+        sample_input: a tensor or tuple of inputs; with it, the report has the memory before and after
+            (training mode: bytes saved for backward, bytes held after the forward and the peak of a
+            step, the last two from :class:`~inplace_abn.memory.MemoryProbe`) and the largest output
+            difference (eval mode). Running statistics, gradients and random state are left as they were.
     """
     if relu_to not in ("leaky_relu", "relu"):
         raise ValueError(f"relu_to must be 'relu' (exact, the default) or 'leaky_relu', got {relu_to!r}.")
@@ -371,5 +372,8 @@ def convert_to_abn(
     if sample_input is not None:
         report.saved_bytes_before = saved_activation_bytes(model, sample_input)
         report.saved_bytes_after = saved_activation_bytes(converted, sample_input)
+        before, after = step_memory(model, sample_input), step_memory(converted, sample_input)
+        report.held_bytes_before, report.held_bytes_after = before.held_after_forward, after.held_after_forward
+        report.peak_bytes_before, report.peak_bytes_after = before.peak, after.peak
         report.max_output_difference = max_output_difference(model, converted, sample_input)
     return converted, report

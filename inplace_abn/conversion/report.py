@@ -1,5 +1,6 @@
 """What :func:`~inplace_abn.convert_to_abn` did, one entry per BatchNorm layer, and the measurements behind
-its summary: memory kept for backward before and after, and the largest output difference."""
+its summary: memory kept for backward before and after (saved tensors, and the allocator's view of a
+training step), and the largest output difference."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import recompute
+from ..memory import MemoryProbe, SavedTensorMeter
 
 #: What a converted layer keeps for backward, by mode (docs/migrating.md shows this table).
 IN_PLACE, RECOMPUTE, OUT_OF_PLACE, UNCHANGED = "in place", "recompute", "out of place", "unchanged"
@@ -82,6 +84,10 @@ class ConversionReport:
     relu_to: str = "relu"  #: what ReLU became (the ``relu_to`` argument)
     saved_bytes_before: Optional[int] = None  #: see :func:`saved_activation_bytes`; needs ``sample_input``
     saved_bytes_after: Optional[int] = None
+    held_bytes_before: Optional[int] = None  #: allocated after a training forward, see :func:`step_memory`
+    held_bytes_after: Optional[int] = None
+    peak_bytes_before: Optional[int] = None  #: peak of a training forward + backward, see :func:`step_memory`
+    peak_bytes_after: Optional[int] = None
     max_output_difference: Optional[float] = None  #: eval mode, on ``sample_input``
 
     @property
@@ -130,15 +136,22 @@ class ConversionReport:
         if self.recompute:
             lines.append("  enable_recompute installed: recompute layers rebuild their outputs in backward")
         lines += [f"  not traced: {failure}" for failure in self.untraced]
-        if self.saved_bytes_before is not None:
-            before, after = self.saved_bytes_before, self.saved_bytes_after
-            change = ""
-            if before:
-                change = f" ({1 - after / before:.0%} less)" if after <= before else f" ({after / before - 1:.0%} more)"
-            lines.append(f"  saved for backward: {before:,} bytes before, {after:,} after{change}")
+        for what, before, after in (
+            ("saved for backward", self.saved_bytes_before, self.saved_bytes_after),
+            ("held after a training forward", self.held_bytes_before, self.held_bytes_after),
+            ("peak of a training step", self.peak_bytes_before, self.peak_bytes_after),
+        ):
+            if before is not None:
+                lines.append(f"  {what}: {before:,} bytes before, {after:,} after{_change(before, after)}")
         if self.max_output_difference is not None:
             lines.append(f"  largest output difference on the sample input (eval mode): {self.max_output_difference:.3g}")
         return "\n".join(lines)
+
+
+def _change(before: int, after: int) -> str:
+    if not before:
+        return ""
+    return f" ({1 - after / before:.0%} less)" if after <= before else f" ({after / before - 1:.0%} more)"
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -152,7 +165,7 @@ def _copies(inputs: tuple) -> tuple:
 
 
 class _Preserved:
-    """Restores the train/eval flags, buffers (running statistics) and CPU random state of a model."""
+    """Restores the train/eval flags, buffers (running statistics), gradients and CPU random state of a model."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -160,6 +173,7 @@ class _Preserved:
     def __enter__(self):
         self.modes = [(module, module.training) for module in self.model.modules()]
         self.buffers = [(buffer, buffer.detach().clone()) for buffer in self.model.buffers()]
+        self.grads = [(parameter, parameter.grad) for parameter in self.model.parameters()]
         self.rng = torch.random.fork_rng(devices=[])
         self.rng.__enter__()
         return self.model
@@ -171,6 +185,8 @@ class _Preserved:
                 buffer.copy_(value)
         for module, training in self.modes:
             module.training = training
+        for parameter, grad in self.grads:
+            parameter.grad = grad
         return False
 
 
@@ -181,8 +197,6 @@ def saved_activation_bytes(model: nn.Module, sample_input: SampleInput) -> int:
     :func:`~inplace_abn.recompute_scope` (``model.forward`` is called, so the counting sees inside the
     hooks that :func:`~inplace_abn.enable_recompute` puts on the model). The model's modes, running
     statistics and the random state are left as they were."""
-    from ..training.memory import SavedTensorMeter  # moves to inplace_abn.memory (task realbench)
-
     class Meter(SavedTensorMeter):
         def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
             return tensor if recompute.is_recomputed(tensor) else super()._pack(tensor)
@@ -194,6 +208,31 @@ def saved_activation_bytes(model: nn.Module, sample_input: SampleInput) -> int:
             output = model.forward(*_copies(as_tuple(sample_input)))
         del output  # kept alive until here, so no storage was freed and its address reused
     return meter.bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    held_after_forward: int  #: bytes allocated after the forward, above those before it (what backward keeps)
+    peak: int  #: the most bytes allocated at once during forward and backward, above those before
+
+
+def step_memory(model: nn.Module, sample_input: SampleInput) -> StepMemory:
+    """Memory of one training step of ``model`` on ``sample_input`` (forward, then backward of the sum of
+    its outputs), measured at the allocator by :class:`~inplace_abn.memory.MemoryProbe` on the input's
+    device: it counts what recompute hooks and in-place writes leave, whatever keeps it. The model's
+    modes, running statistics, gradients and the random state are left as they were."""
+    inputs = _copies(as_tuple(sample_input))
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    with _Preserved(model):
+        model.train()
+        with MemoryProbe(device) as probe:
+            outputs = model(*inputs)
+            probe.mark("forward")
+            loss = sum(t.sum() for t in _tensors(outputs) if t.requires_grad)
+            if isinstance(loss, torch.Tensor):
+                loss.backward()
+            del outputs, loss
+    return StepMemory(probe.marks["forward"], probe.peak_bytes)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
