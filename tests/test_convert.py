@@ -18,8 +18,8 @@ from timm.layers.activations import gelu_tanh, hard_sigmoid, swish
 from torch import fx, nn
 
 from conversion_checks import assert_converted_exactly, randomize_batchnorms
-from inplace_abn import (ABN, InPlaceABN, InPlaceABNSync, RecomputeABN, channel_gate, convert_to_abn,
-                         convert_to_batchnorm, fuse_conv_abn)
+from inplace_abn import (ABN, InPlaceABN, InPlaceABNSync, RecomputeABN, convert_to_abn, convert_to_batchnorm,
+                         fuse_conv_abn)
 from inplace_abn.activations import ACTIVATIONS, make_activation
 from inplace_abn.conversion import markdown_table, modes_table, saved_activation_bytes
 from inplace_abn.conversion import recognise
@@ -527,9 +527,10 @@ def test_a_rewritten_block_keeps_its_class_name_state_and_attributes():
     model, _ = model_and_input(nn.Sequential(Block()))
     converted, report = convert_to_abn(model)
     assert report.rewritten == ["0"] and isinstance(converted[0], fx.GraphModule)
-    assert type(converted[0]).__name__ == "Block" and converted[0].stride == 1
-    assert set(converted.state_dict()) == set(model.state_dict())
-    assert isinstance(converted[0].unused, nn.Linear)
+    assert type(converted[0]).__name__ == "Block"
+    for copy_of_it in (converted, copy.deepcopy(converted)):
+        assert copy_of_it[0].stride == 1 and isinstance(copy_of_it[0].unused, nn.Linear)
+        assert set(copy_of_it.state_dict()) == set(model.state_dict())
 
 
 # --- options: memory report, sync, out of place -----------------------------------------------------
@@ -647,6 +648,7 @@ def test_to_abn_and_back_is_exact_with_shortcuts_and_gates(act):
     converted_layers = {layer.name for layer in report.converted}
     code = "\n".join(m.code for m in back.modules() if isinstance(m, fx.GraphModule))
     assert "channel_gate" not in code and "inplace_abn" not in code
+    assert converted._forward_pre_hooks and not back._forward_pre_hooks and not back._forward_hooks  # recompute's
 
     def rename(key):  # each layer became Sequential(BatchNorm, activation)
         module, _, attribute = key.rpartition(".")
@@ -654,6 +656,21 @@ def test_to_abn_and_back_is_exact_with_shortcuts_and_gates(act):
 
     assert set(back.state_dict()) == {rename(key) for key in model.state_dict()}
     assert_converted_exactly(model, back, x, rename=rename)
+
+
+def test_convert_to_batchnorm_says_where_it_cannot_rewrite():
+    class Mine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.layer = nn.Conv2d(4, 4, 1), InPlaceABN(4)
+
+        def forward(self, x):
+            y = self.layer(self.conv(x), x)
+            return y * 2 if self.training else y
+
+    with pytest.raises(ValueError, match="the call of 'layer' with a shortcut: the forward of the model differs "
+                                         "between training and eval mode.*act\\(BatchNorm\\(x\\) \\+ shortcut\\)"):
+        convert_to_batchnorm(Mine())
 
 
 def test_fuse_conv_abn_folds_into_every_kind_of_layer():

@@ -15,8 +15,8 @@ from ..recompute import enable_recompute
 from . import recognise
 from .graph import (Edit, Region, aliases, apply_rewrites, copy_model, describe, has_fresh_output,
                     modified_in_place_by, plan_rewrites, set_submodule, traced_regions)
-from .patterns import IDENTITY, NORM_ACT, GateMatch, Match, find_gate, is_gate_product, match
-from .report import (IN_PLACE, OUT_OF_PLACE, RECOMPUTE, UNCHANGED, ConversionReport, LayerConversion, SampleInput,
+from .patterns import NORM_ACT, GateMatch, Match, find_gate, is_gate_product, match
+from .report import (IN_PLACE, OUT_OF_PLACE, RECOMPUTE, ConversionReport, LayerConversion, SampleInput,
                      max_output_difference, saved_activation_bytes, step_memory)
 from .weights import feeding_layer, load_batchnorm, negative_channels, new_layer, small_channels
 
@@ -85,7 +85,7 @@ def _refusal(node: fx.Node, context: _Context) -> str:
     return ""
 
 
-def _why_not_in_place(found: Match, context: _Context, region: Region, modules: dict) -> Optional[str]:
+def _why_not_in_place(found: Match, region: Region, modules: dict[str, nn.Module]) -> Optional[str]:
     """Why the layer of ``found`` may not write over its input (None when it may)."""
     source = found.norm.args[0]
     if source.op == "placeholder":
@@ -178,8 +178,8 @@ def _mode(found: Match, eval_found: Match, activation: Activation, context: _Con
     if activation.kind == "lossy":
         why = f"{activation.name} is lossy (its input cannot be rebuilt from its output)"
     else:
-        why = (_why_not_in_place(found, context, context.region, context.modules)
-               or _why_not_in_place(eval_found, context, context.region, context.modules))
+        why = (_why_not_in_place(found, context.region, context.modules)
+               or _why_not_in_place(eval_found, context.region, context.modules))
     if why is None:
         return IN_PLACE
     notes.append(f"recompute: {why}")
@@ -324,8 +324,8 @@ def convert_to_abn(
     exactly, the BatchNorm stays as it was and the report says why.
 
     Only forwards that change are rewritten, each in the smallest submodule holding the change (an
-    ``fx.GraphModule`` with the same class name, submodules and state-dict keys); the model keeps its
-    class unless its own forward changed (``report.rewritten`` lists them).
+    ``fx.GraphModule`` named after its class, with the same submodules, attributes and state-dict keys);
+    the model keeps its class unless its own forward changed (``report.rewritten`` lists them).
 
     Weights are converted exactly: the layers scale by ``|w'| + eps``, so ``w' = |w| - eps``, and a
     channel with ``w < 0`` is negated in the convolution or linear layer that feeds the BatchNorm (weight

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from torch import fx, nn
 
-from .. import functions
+from .. import functions, recompute
 from ..activations import make_activation
 from ..modules import ABN
 from .graph import Edit, apply_rewrites, copy_model, plan_rewrites, set_submodule, traced_regions
@@ -99,11 +99,11 @@ def convert_to_batchnorm(model: nn.Module, batch_norm: Callable[..., _BatchNorm]
         rewrites, failures = plan_rewrites(region, edits)
         if failures:
             index, why = next(iter(failures.items()))
-            where = edits[index].nodes[0]
+            node = edits[index].nodes[0]
+            call = "a channel_gate call" if _is_gate(node) else f"the call of '{region.qualified(node.target)}' with a shortcut"
             raise ValueError(
-                f"convert_to_batchnorm cannot rewrite the forward holding {where.format_node()} in "
-                f"'{region.qualified('') or type(region.module).__name__}': {why}. Convert that part by hand: "
-                "layer(x, shortcut) is act(BatchNorm(x) + shortcut), channel_gate(x, gate) is x * gate.")
+                f"convert_to_batchnorm cannot rewrite the forward that holds {call}: {why}. Convert that part "
+                "by hand: layer(x, shortcut) is act(BatchNorm(x) + shortcut), channel_gate(x, gate) is x * gate.")
         planned.append((region, rewrites))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -116,7 +116,19 @@ def convert_to_batchnorm(model: nn.Module, batch_norm: Callable[..., _BatchNorm]
                 model = replacement
             else:
                 set_submodule(model, region.name, replacement)
+    _without_recompute_hooks(model)
     return model
+
+
+def _without_recompute_hooks(model: nn.Module) -> None:
+    """Remove what :func:`~inplace_abn.enable_recompute` put on ``model``: standard layers need no
+    recompute hooks, and without them the model loads where this package is not installed."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__module__", None) == recompute.__name__:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+    vars(model).pop("_inplace_abn_recompute", None)  # so that enable_recompute installs them again
 
 
 def _standard_layers(layer: ABN, batch_norm: Callable[..., _BatchNorm]) -> nn.Sequential:

@@ -324,6 +324,7 @@ def plan_rewrites(region: Region, edits: list[Edit]) -> tuple[list[_Rewrite], di
         if all(prepared[scope][0] is not None for scope in new):
             break
     failures: dict[int, str] = {}
+    rewrites: list[_Rewrite] = []  # in the order of their first edit
     for i, edit in enumerate(edits):
         rewrite, why = prepared[merged[own[i]]] if own[i] in merged else prepared[own[i]]
         if rewrite is None:
@@ -332,8 +333,9 @@ def plan_rewrites(region: Region, edits: list[Edit]) -> tuple[list[_Rewrite], di
             failures[i] = f"a value it uses is not visible in '{region.qualified(rewrite.scope)}' traced alone"
         else:
             rewrite.edits.append(edit)
-    rewrites = {id(rewrite): rewrite for rewrite, _ in prepared.values() if rewrite is not None and rewrite.edits}
-    return list(rewrites.values()), failures
+            if all(rewrite is not kept for kept in rewrites):
+                rewrites.append(rewrite)
+    return rewrites, failures
 
 
 def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -349,9 +351,12 @@ def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for name, buffer in module.named_buffers(recurse=False):
         if name not in rewritten._buffers:
             rewritten.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
-    for name, value in vars(module).items():
-        if not name.startswith("_") and not hasattr(rewritten, name):
-            setattr(rewritten, name, value)
+    attributes = {name: value for name, value in vars(module).items()
+                  if not name.startswith("_") and not hasattr(rewritten, name)}
+    for name, value in attributes.items():
+        setattr(rewritten, name, value)
+    # fx's deepcopy of a GraphModule rebuilds it from its graph and keeps only these of its attributes.
+    rewritten.meta.setdefault(fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY, {}).update(attributes)
     rewritten.training = module.training
     return rewritten
 

@@ -132,23 +132,26 @@ def match(node: fx.Node, region: Region, modules: dict[str, nn.Module], calls: d
         # of the normalization).
         found = f"its own act ({type(module.act).__name__})"
         return Match(NORM_ACT, node, inner_activation(module), found)
-    notes = []
+    declined: dict[str, list[str]] = {}  # why -> the patterns it ruled out, in order
+
+    def decline(pattern: Pattern, why: str) -> None:
+        declined.setdefault(why, []).append(pattern.name)
+
     for pattern in PATTERNS:
-        found = _match_steps(pattern, node, region, modules, calls, notes)
+        found = _match_steps(pattern, node, region, modules, calls, decline)
         taken = next((claimed[n] for n in found.taken_over if n in claimed), None) if found is not None else None
         if taken is not None:
-            notes.append(f"not {pattern.name}: '{taken}' takes that over")
-            continue
-        if found is not None and (rewrite_failure is None or not found.needs_rewrite):
-            found.notes = notes
+            decline(pattern, f"'{taken}' takes that over")
+        elif found is not None and (rewrite_failure is None or not found.needs_rewrite):
+            found.notes = [f"not {' or '.join(names)}: {why}" for why, names in declined.items()]
             return found
-        if found is not None:
-            notes.append(f"not {pattern.name}: {rewrite_failure}")
+        elif found is not None:
+            decline(pattern, rewrite_failure)
     raise AssertionError("NORM_ALONE matches every norm")
 
 
 def _match_steps(pattern: Pattern, node: fx.Node, region: Region, modules: dict[str, nn.Module],
-                 calls: dict[str, int], notes: list[str]) -> Optional[Match]:
+                 calls: dict[str, int], decline) -> Optional[Match]:
     found = Match(pattern, node)
     value = node
     for step in pattern.steps:
@@ -164,12 +167,12 @@ def _match_steps(pattern: Pattern, node: fx.Node, region: Region, modules: dict[
             if not isinstance(other, fx.Node):
                 return None
             if recognise.modifies_first_operand(user) and operands[0] is not operand:
-                notes.append(f"not {pattern.name}: {describe(user, region, modules)} writes the sum over its other operand")
+                decline(pattern, f"{describe(user, region, modules)} writes the sum over its other operand")
                 return None
             writer = modified_in_place_by(other, modules)
             if writer is not None and writer is not user:
-                notes.append(f"not {pattern.name}: the shortcut ({describe(other, region, modules)}) is modified in "
-                             f"place by {describe(writer, region, modules)}")
+                decline(pattern, f"the shortcut ({describe(other, region, modules)}) is modified in place by "
+                                 f"{describe(writer, region, modules)}")
                 return None
             found.shortcut = other
             found.needs_rewrite = True
