@@ -15,8 +15,8 @@ target. A training step is ``zero_grad`` (in place), forward, loss, backward, ``
 Variants, each its own copy of the same initial weights:
 
     original        the model as built
-    converted       convert_to_abn(model, relu_to="relu"): exact conversion (ReLU kept, so those layers
-                    stay out of place)
+    converted       convert_to_abn(model, relu_to="relu"), the default: exact conversion (ReLU kept, so
+                    those layers run in recompute mode)
     leaky           convert_to_abn(model, relu_to="leaky_relu"): ReLU becomes leaky_relu(0.01), in place
     checkpointed    the whole original model under one non-reentrant torch.utils.checkpoint that saves
                     only convolution outputs (selective checkpointing) and recomputes the rest; its
@@ -149,8 +149,8 @@ class SelectivelyCheckpointed(nn.Module):
 class Variant:
     name: str
     description: str
-    # relu_to is passed explicitly: today's default turns ReLU into leaky_relu, the reworked
-    # conversion's default is exact; each variant means the same thing before and after.
+    # relu_to is passed explicitly (the default is "relu", exact; it used to be "leaky_relu"), so each
+    # variant means the same thing whatever the default.
     convert_options: Optional[dict] = None  # None: not converted
     checkpointed: bool = False
 
