@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from timm.layers import activations as timm_activations
 from timm.layers.activations import gelu_tanh, hard_sigmoid, swish
+from timm.models._efficientnet_blocks import SqueezeExcite as TimmSqueezeExcite
 from torch import fx, nn
 
 from conversion_checks import assert_converted_exactly, randomize_batchnorms
@@ -334,6 +335,19 @@ def test_se_gate_becomes_channel_gate(order, act):
     (layer,) = report.layers
     assert layer.gate and report.recompute and report.rewritten == ["3"]
     assert "channel_gate" in converted[3].code
+    assert_converted_exactly(model, converted, x)
+
+
+@pytest.mark.parametrize("se", [
+    lambda: timm.layers.SEModule(4, rd_channels=2), lambda: timm.layers.EffectiveSEModule(4),
+    lambda: timm.layers.EffectiveSEModule(4, add_maxpool=True),
+    lambda: TimmSqueezeExcite(4, rd_channels=2),
+], ids=["SEModule", "EffectiveSEModule", "EffectiveSEModule-maxpool", "SqueezeExcite"])
+def test_timm_squeeze_excitation_modules_become_channel_gates(se):
+    model, x = model_and_input(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), se(), nn.Conv2d(4, 4, 1)), (2, 3, 5, 5))
+    converted, report = convert_to_abn(model)
+    assert report.layers[0].gate and report.rewritten == ["3"]
     assert_converted_exactly(model, converted, x)
 
 
