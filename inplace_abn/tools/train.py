@@ -23,6 +23,7 @@ _FLAGS = {
     "--synthetic-samples": ("synthetic_samples", int, "size of the synthetic training set"),
     "--synthetic-size": ("synthetic_size", "pair", "HxW of the synthetic scenes"),
     "--crop": ("crop_size", "pair", "HxW training crop (classification: H)"),
+    "--longest-side": ("longest_side", int, "segmentation: resize images to this longest side first"),
     "--batch-size": ("batch_size", int, "per process"),
     "--global-batch-size": ("global_batch_size", int, "over all processes (split evenly)"),
     "--steps": ("steps", int, "total training steps"),
@@ -89,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
     if args.quiet:
         config.progress = False
     try:
-        trainer = Trainer(config, resume=args.resume, quiet=args.quiet)
+        # --quiet only drops the progress bar: what the run decides (resume, init) is still said
+        trainer = Trainer(config, resume=args.resume, quiet=False)
     except (ValueError, FileNotFoundError) as error:
         print(f"inplace-abn train: error: {error}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ class TrainConfig:
     # network
     network: str = "deeplabv3_resnet18"
     norm: str = "inplace_abn"  # inplace_abn | batchnorm (BatchNorm2d + activation) | abn
+    sync_norm: bool = True  # under torchrun: statistics over all processes (InPlaceABNSync); false: per process
     activation: str = "leaky_relu"
     activation_param: float = 0.01
     width_multiplier: float = 1.0

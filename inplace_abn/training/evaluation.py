@@ -18,7 +18,8 @@ OUTPUTS = ("labels", "color", "prob")
 
 def _class_scores(model: torch.nn.Module, view: torch.Tensor, size) -> torch.Tensor:
     """Logits of ``view`` bilinearly resized to ``size``. A DeepLabV3's logits are taken before its own
-    upsampling, so a rescaled view is interpolated once, from the output stride to ``size``."""
+    upsampling, so a rescaled view is interpolated once, from the output stride to ``size`` (as the
+    original's test script does)."""
     from ..models.deeplab import DeepLabV3
 
     if isinstance(model, DeepLabV3):

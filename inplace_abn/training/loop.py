@@ -159,7 +159,7 @@ class Trainer:
         if config.init_from and not resume:
             from .weights import init_from_checkpoint
 
-            self.init_report = init_from_checkpoint(self.model, config.init_from)
+            self.init_report = init_from_checkpoint(self.model, config.init_from, config.norm)
             self._say(self.init_report.summary())
             if self.world.main:
                 self.init_report.write(os.path.join(config.out_dir, INIT_REPORT_NAME))
@@ -169,7 +169,7 @@ class Trainer:
 
             if config.norm == "batchnorm":
                 self._say("warning: norm 'batchnorm' is not synchronized across processes (use inplace_abn)")
-            else:
+            elif config.sync_norm:
                 self.model = convert_sync_abn(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)

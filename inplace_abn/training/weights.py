@@ -1,5 +1,5 @@
 """Trained networks from checkpoint files: this package's own checkpoints and the original
-``inplace_abn``'s published files (through :func:`inplace_abn.models.load_original`), and the partial
+``inplace_abn``'s published files (through :func:`inplace_abn.models.zoo.read_original`), and the partial
 initialisation of ``--init-from`` (the weights that fit are taken, the rest keeps its fresh values)."""
 
 from __future__ import annotations
@@ -50,33 +50,26 @@ def _describe_keys(state) -> str:
     return f"top-level keys {keys[:8]}{' ...' if len(keys) > 8 else ''}"
 
 
-def load_original_network(path: str, state: Optional[dict] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """The one place where the original's files come in: ``(network, settings)`` of an ImageNet
-    ``.pth.tar`` or the Vistas snapshot, via :func:`inplace_abn.models.load_original`."""
+def read_original_weights(path: str):
+    """The one place where the original's files come in: :func:`inplace_abn.models.zoo.read_original`
+    (an ``OriginalWeights``: ``network``, builder ``kwargs``, ``state_dict`` in this package's layout,
+    ``norm``, ``build()``)."""
     try:
-        from ..models import load_original
+        from ..models.zoo import read_original
     except ImportError:
         raise ValueError(
             f"{path} is a file of the original inplace_abn ('state_dict' at the top); reading it needs "
-            "inplace_abn.models.load_original, which this installation does not have yet"
+            "inplace_abn.models.zoo.read_original, which this installation does not have"
         ) from None
-    model = load_original(path)
-    settings: Dict[str, Any] = {}
-    inner = (state or {}).get("state_dict", {})
-    if isinstance(inner, dict) and {"body", "head", "cls"} <= set(inner):
-        settings = dict(ORIGINAL_VISTAS_SETTINGS)
-    return model, settings
+    return read_original(path)
 
 
-def _num_classes_of(model: torch.nn.Module) -> int:
-    """Outputs of the last layer that produces class scores (a Linear or the 1x1 classifier conv)."""
-    last = None
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            last = module
-    if last is None:
-        raise ValueError("cannot tell the number of classes: the network has no Linear or Conv2d layer")
-    return last.out_features if isinstance(last, torch.nn.Linear) else last.out_channels
+def _original_settings(weights) -> Dict[str, Any]:
+    """The input settings of an original file: its Vistas model's (see :data:`ORIGINAL_VISTAS_SETTINGS`);
+    the ImageNet classifiers use the defaults (ImageNet statistics, 224 center crops)."""
+    if weights.network.startswith("deeplabv3_") and weights.kwargs.get("num_classes") == 65:
+        return dict(ORIGINAL_VISTAS_SETTINGS)
+    return {}
 
 
 def load_network(path: str, build=None) -> LoadedNetwork:
@@ -84,7 +77,7 @@ def load_network(path: str, build=None) -> LoadedNetwork:
 
     This package's checkpoints are rebuilt from their config with ``build(config, num_classes)``
     (default :func:`~inplace_abn.training.loop.build_model`); the original's files go through
-    :func:`load_original_network`.
+    :func:`read_original_weights`.
     """
     state = load_checkpoint(path)
     if _is_own_checkpoint(state):
@@ -98,24 +91,33 @@ def load_network(path: str, build=None) -> LoadedNetwork:
         return LoadedNetwork(model.eval(), int(state["num_classes"]), config.task,
                              f"inplace-abn-next checkpoint (step {state.get('step', '?')})", config=state["config"])  # fmt: skip
     if _is_original_file(state):
-        model, settings = load_original_network(path, state)
-        task = "segmentation" if settings.get("dataset") == "vistas" else "classification"
-        return LoadedNetwork(model.eval(), _num_classes_of(model), task, "original inplace_abn file",
-                             settings=settings)  # fmt: skip
+        del state
+        weights = read_original_weights(path)
+        task = "segmentation" if weights.network.startswith("deeplabv3_") else "classification"
+        return LoadedNetwork(weights.build().eval(), int(weights.kwargs["num_classes"]), task,
+                             f"original inplace_abn file: {weights.description or weights.network}",
+                             settings=_original_settings(weights))  # fmt: skip
     raise ValueError(
         f"{path} is neither an inplace-abn-next checkpoint (keys 'config', 'model') nor a file of the original "
         f"inplace_abn (key 'state_dict'): it has {_describe_keys(state)}"
     )
 
 
-def source_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str]:
-    """``(state dict in this package's layout, description)`` of any file :func:`load_network` reads."""
+#: norms whose weights mean the same: InPlace-ABN and ABN scale by ``|weight| + eps``, BatchNorm by ``weight``
+_SCALE_CONVENTION = {"inplace_abn": "|weight| + eps", "abn": "|weight| + eps", "batchnorm": "weight"}
+
+
+def source_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """``(state dict in this package's layout, description, norm)`` of any file :func:`load_network`
+    reads; ``norm`` is the kind of normalisation its weights were trained for."""
     state = load_checkpoint(path)
     if _is_own_checkpoint(state):
-        return dict(state["model"]), f"{path} (inplace-abn-next checkpoint of {state['config'].get('network')})"
+        config = state["config"]
+        return dict(state["model"]), f"{path} (inplace-abn-next checkpoint of {config.get('network')})", config["norm"]
     if _is_original_file(state):
-        model, _ = load_original_network(path, state)
-        return model.state_dict(), f"{path} (original inplace_abn file)"
+        del state
+        weights = read_original_weights(path)
+        return dict(weights.state_dict), f"{path} (original inplace_abn {weights.network})", weights.norm
     raise ValueError(
         f"--init-from {path}: neither an inplace-abn-next checkpoint (keys 'config', 'model') nor a file of the "
         f"original inplace_abn (key 'state_dict'): it has {_describe_keys(state)}"
@@ -162,23 +164,44 @@ class InitReport:
             json.dump(self.to_dict(), file, indent=2)
 
 
-# Checkpoint keys -> network keys: a classifier's ``features.*`` are a segmentation network's
-# ``backbone.features.*`` and the other way round; DistributedDataParallel prefixes ``module.``.
-_KEY_MAPS = (
-    ("keys as they are", lambda key: key),
-    ("'backbone.' prefixed", lambda key: "backbone." + key),
-    ("'backbone.' removed", lambda key: key[len("backbone."):] if key.startswith("backbone.") else None),
-)
+def _key_maps(model: torch.nn.Module):
+    """Renamings of checkpoint keys to try: as they are; and, for a network holding a backbone (a
+    segmentation network), a classifier's keys under the backbone's name, or the other way round,
+    keys with their first component removed. DistributedDataParallel's ``module.`` is always removed."""
+    from ..models.blocks import Backbone
+
+    maps = [("keys as they are", lambda key: key)]
+    inner = next((name for name, module in model.named_modules() if name and isinstance(module, Backbone)), None)
+    if inner is not None:
+        maps.append((f"'{inner}.' prefixed", lambda key: f"{inner}.{key}"))
+    maps.append(("first key component removed", lambda key: key.split(".", 1)[1] if "." in key else None))
+    return maps
+
+
+def _whole_layers(fits, target) -> List[str]:
+    """The keys of ``fits`` whose layer (key prefix) fits whole: every tensor of the layer but its 0-d
+    counters (``num_batches_tracked``, absent from older files) is in ``fits``. A layer is taken
+    whole or not at all: a 19-class bias beside a fresh 65-class weight would be neither."""
+    fitting = set(fits)
+    layers: Dict[str, List[str]] = {}
+    for key in target:
+        layers.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    taken = []
+    for keys in layers.values():
+        weights = [key for key in keys if target[key].ndim > 0]
+        if weights and all(key in fitting for key in weights):
+            taken += [key for key in keys if key in fitting]
+    return taken
 
 
 def init_from_state_dict(model: torch.nn.Module, source: Dict[str, torch.Tensor], source_name: str) -> InitReport:
-    """Copy into ``model`` every tensor of ``source`` whose (renamed) key and shape match one of the
-    network's; the renaming of :data:`_KEY_MAPS` that fits the most tensors is used. A checkpoint of
-    which nothing fits is an error (a wrong file or network)."""
+    """Copy into ``model`` every layer of ``source`` whose (renamed) keys and shapes all match one of
+    the network's; the renaming (:func:`_key_maps`) that fits the most tensors is used. A checkpoint
+    of which nothing fits is an error (a wrong file or network)."""
     source = {(key[len("module."):] if key.startswith("module.") else key): value for key, value in source.items()}
     target = model.state_dict()
     best = None
-    for description, rename in _KEY_MAPS:
+    for description, rename in _key_maps(model):
         renamed = {}
         for key, value in source.items():
             new_key = rename(key)
@@ -186,32 +209,43 @@ def init_from_state_dict(model: torch.nn.Module, source: Dict[str, torch.Tensor]
                 renamed[new_key] = (key, value)
         fits = [key for key, (_, value) in renamed.items()
                 if key in target and tuple(value.shape) == tuple(target[key].shape)]  # fmt: skip
-        if best is None or len(fits) > len(best[2]):
-            best = (description, renamed, fits)
+        taken = _whole_layers(fits, target)
+        if best is None or len(taken) > len(best[2]):
+            best = (description, renamed, taken)
     description, renamed, taken = best
     if not taken:
         raise ValueError(
-            f"--init-from {source_name}: none of its {len(source)} tensors fits the network (by name and shape); "
-            f"its keys look like {sorted(source)[:3]}, the network's like {sorted(target)[:3]}"
+            f"--init-from {source_name}: none of its {len(source)} tensors fits the network (whole layers, by name "
+            f"and shape); its keys look like {sorted(source)[:3]}, the network's like {sorted(target)[:3]}"
         )
     taken_set = set(taken)
     reinitialised = {}
     for key, value in target.items():
         if key in taken_set:
             continue
-        if key in renamed:
-            there = tuple(renamed[key][1].shape)
-            reinitialised[key] = f"shape {list(there)} in the checkpoint, {list(value.shape)} here"
-        else:
+        if key not in renamed:
             reinitialised[key] = "not in the checkpoint"
+        elif tuple(renamed[key][1].shape) != tuple(value.shape):
+            reinitialised[key] = f"shape {list(renamed[key][1].shape)} in the checkpoint, {list(value.shape)} here"
+        else:
+            reinitialised[key] = "its layer's other tensors do not fit"
     used_sources = {renamed[key][0] for key in taken}
     left_out = sorted(key for key in source if key not in used_sources)
     model.load_state_dict({key: renamed[key][1] for key in taken}, strict=False)
     return InitReport(source_name, description, sorted(taken), reinitialised, left_out)
 
 
-def init_from_checkpoint(model: torch.nn.Module, path: str) -> InitReport:
+def init_from_checkpoint(model: torch.nn.Module, path: str, norm: str) -> InitReport:
     """``--init-from PATH``: :func:`init_from_state_dict` with the weights of any file :func:`load_network`
-    reads (this package's checkpoints, the original's ImageNet and Vistas files)."""
-    weights, description = source_weights(path)
+    reads (this package's checkpoints, the original's ImageNet and Vistas files), for a network whose
+    normalisation layers are ``norm``. Weights trained for a norm of another scale convention are
+    refused: loaded as they are, they would compute something else."""
+    weights, description, source_norm = source_weights(path)
+    if _SCALE_CONVENTION.get(source_norm) != _SCALE_CONVENTION[norm]:
+        raise ValueError(
+            f"--init-from {description}: its norm layers are {source_norm!r} (scale {_SCALE_CONVENTION.get(source_norm)}), "
+            f"this run's are {norm!r} (scale {_SCALE_CONVENTION[norm]}): the weights would not mean the same. Train "
+            f"with norm {source_norm!r}, or convert the checkpoint's network first (inplace_abn.convert_to_abn turns "
+            "BatchNorm weights into exact InPlace-ABN ones)"
+        )
     return init_from_state_dict(model, weights, description)
