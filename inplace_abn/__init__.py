@@ -1,5 +1,6 @@
-"""In-Place Activated BatchNorm: BatchNorm + invertible activation in one layer that overwrites its
-input and keeps only its output for backward.
+"""In-Place Activated BatchNorm: BatchNorm + activation in one layer that keeps one full-size tensor for
+backward: its output, written over its input (InPlaceABN), or its input, the output being rebuilt
+where it is needed (RecomputeABN, under enable_recompute).
 
     >>> import torch
     >>> from inplace_abn import InPlaceABN
@@ -10,8 +11,9 @@ input and keeps only its output for backward.
 from . import functions
 from .convert import ConversionReport, convert_to_abn, convert_to_batchnorm, fuse_conv_abn
 from .distributed import active_group, set_active_group
-from .functions import abn, inplace_abn, inplace_abn_sync
-from .modules import ABN, InPlaceABN, InPlaceABNSync
+from .functions import abn, channel_gate, inplace_abn, inplace_abn_sync, recompute_abn
+from .modules import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN
+from .recompute import enable_recompute, recompute_scope
 
 #: Convert a model's ABN / InPlaceABN layers to InPlaceABNSync (see docs/distributed.md).
 convert_sync_abn = InPlaceABNSync.convert_sync_abn
@@ -23,14 +25,19 @@ __all__ = [
     "ConversionReport",
     "InPlaceABN",
     "InPlaceABNSync",
+    "RecomputeABN",
     "abn",
     "active_group",
+    "channel_gate",
     "convert_sync_abn",
     "convert_to_abn",
     "convert_to_batchnorm",
+    "enable_recompute",
     "functions",
     "fuse_conv_abn",
     "inplace_abn",
     "inplace_abn_sync",
+    "recompute_abn",
+    "recompute_scope",
     "set_active_group",
 ]

@@ -1,50 +1,144 @@
-"""The activation table: forward, inverse and gradient-from-output, in one place.
+"""The activation table: forward, gradient, inverse and branch of every activation, in one place.
 
-Every backend is held against these definitions (METHOD.md section 3). An activation is
-*invertible* when its input can be rebuilt from its output alone; only those may run in place.
+Every backend is held against these definitions (METHOD.md sections 3 and 8). An activation has one
+of three *kinds*, which decide how a layer may store it for backward:
+
+* ``invertible``: its input is rebuilt from its output alone (leaky_relu with slope > 0, elu,
+  identity): the layer runs in place and keeps only its output.
+* ``piecewise``: monotonic on each side of one minimum (silu, gelu, gelu_tanh, mish): in place too,
+  with one bit per element that says which side an input was on (:mod:`inplace_abn.piecewise`).
+* ``lossy``: information is lost (relu, relu6, hardswish, hardsigmoid, sigmoid and tanh, whose
+  saturation rounds away the input): the layer keeps its input instead and rebuilds the output
+  where backward needs it (:mod:`inplace_abn.recompute`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-#: Names accepted for ``activation``; ``"none"`` is an alias of ``"identity"`` kept for old code.
-ACTIVATIONS = ("leaky_relu", "elu", "relu", "identity")
-_ALIASES = {"none": "identity"}
+Tensor = torch.Tensor
+aten = torch.ops.aten
+
+#: Names accepted for ``activation``, by kind; ``activation_param`` is leaky_relu's slope, elu's alpha.
+INVERTIBLE = ("leaky_relu", "elu", "identity")
+PIECEWISE = ("silu", "gelu", "gelu_tanh", "mish")
+LOSSY = ("relu", "relu6", "hardswish", "hardsigmoid", "sigmoid", "tanh")
+ACTIVATIONS = INVERTIBLE + PIECEWISE + LOSSY
+_ALIASES = {"none": "identity", "swish": "silu", "hard_swish": "hardswish", "hard_sigmoid": "hardsigmoid"}
+_PARAMETRIZED = ("leaky_relu", "elu")
+
+
+def _piecewise_math():
+    """:mod:`inplace_abn.piecewise` (the branch inverses), or None while it is not part of the package."""
+    if importlib.util.find_spec("inplace_abn.piecewise") is None:
+        return None
+    from . import piecewise
+
+    return piecewise
 
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """An activation function with its parameter (slope of leaky_relu, alpha of elu)."""
+    """An activation function with its parameter (slope of leaky_relu, alpha of elu; else 0)."""
 
     name: str
     param: float = 0.0
 
     @property
-    def invertible(self) -> bool:
-        """Whether ``y`` can be recovered from ``act(y)``, the condition for running in place."""
-        if self.name == "relu":
-            return False
+    def kind(self) -> str:
+        """``"invertible"``, ``"piecewise"`` or ``"lossy"`` (see the module docstring)."""
         if self.name == "leaky_relu":
-            return self.param > 0
-        return True
+            return "invertible" if self.param > 0 else "lossy"
+        if self.name in INVERTIBLE:
+            return "invertible"
+        if self.name in PIECEWISE:
+            return "piecewise" if _piecewise_math() is not None else "lossy"
+        return "lossy"
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.name == "leaky_relu":
+    @property
+    def invertible(self) -> bool:
+        """Whether ``y`` can be recovered from ``act(y)`` alone."""
+        return self.kind == "invertible"
+
+    @property
+    def in_place(self) -> bool:
+        """Whether a layer with this activation can write its output over its input and keep only the
+        output (and, for a piecewise activation, one bit per element)."""
+        return self.kind != "lossy"
+
+    def forward(self, y: Tensor) -> Tensor:
+        name = self.name
+        if name == "leaky_relu":
             return F.leaky_relu(y, self.param)
-        if self.name == "elu":
+        if name == "elu":
             return F.elu(y, self.param)
-        if self.name == "relu":
+        if name == "relu":
             return F.relu(y)
+        if name == "relu6":
+            return F.relu6(y)
+        if name == "hardswish":
+            return F.hardswish(y)
+        if name == "hardsigmoid":
+            return F.hardsigmoid(y)
+        if name == "silu":
+            return F.silu(y)
+        if name == "gelu":
+            return F.gelu(y)
+        if name == "gelu_tanh":
+            return F.gelu(y, approximate="tanh")
+        if name == "mish":
+            return F.mish(y)
+        if name == "sigmoid":
+            return torch.sigmoid(y)
+        if name == "tanh":
+            return torch.tanh(y)
         return y
 
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
-        """``y`` from ``z = act(y)``; only for invertible activations."""
+    def grad_from_input(self, y: Tensor, grad_z: Tensor) -> Tensor:
+        """``dL/dy`` from the input ``y`` and ``dL/dz``: autograd's own formulas (ATen's backward ops),
+        so a layer that rebuilds ``y`` gives the gradients of the standard ops."""
+        name = self.name
+        if name == "leaky_relu":
+            return aten.leaky_relu_backward(grad_z, y, self.param, False)
+        if name == "elu":
+            return aten.elu_backward(grad_z, self.param, 1.0, 1.0, False, y)
+        if name == "relu":
+            return aten.threshold_backward(grad_z, y, 0)
+        if name == "relu6":
+            return aten.hardtanh_backward(grad_z, y, 0.0, 6.0)
+        if name == "hardswish":
+            return aten.hardswish_backward(grad_z, y)
+        if name == "hardsigmoid":
+            return aten.hardsigmoid_backward(grad_z, y)
+        if name == "silu":
+            return aten.silu_backward(grad_z, y)
+        if name == "gelu":
+            return aten.gelu_backward(grad_z, y)
+        if name == "gelu_tanh":
+            return aten.gelu_backward(grad_z, y, approximate="tanh")
+        if name == "mish":
+            return aten.mish_backward(grad_z, y)
+        if name == "sigmoid":
+            return aten.sigmoid_backward(grad_z, torch.sigmoid(y))
+        if name == "tanh":
+            return aten.tanh_backward(grad_z, torch.tanh(y))
+        return grad_z
+
+    # --- in place: from the output --------------------------------------------------------------
+
+    def branch(self, y: Tensor) -> Tensor:
+        """Piecewise activations: the side of the minimum each element of ``y`` is on (True: left)."""
+        return _piecewise_math().branch(self.name, y)
+
+    def inverse(self, z: Tensor, left: Optional[Tensor] = None) -> Tensor:
+        """``y`` from ``z = act(y)`` (and, for a piecewise activation, the :meth:`branch` mask)."""
         if self.name == "leaky_relu":
             return torch.where(z >= 0, z, z * (1.0 / self.param))  # a product is cheaper than a quotient
         if self.name == "elu":
@@ -52,17 +146,23 @@ class Activation:
             # Such elements have a (numerically) zero gradient dy; only their xhat is approximate.
             ratio = torch.clamp_min(z * (1.0 / self.param), -1.0 + torch.finfo(z.dtype).eps)
             return torch.where(z >= 0, z, torch.log1p(ratio))
-        return z
+        if self.kind == "piecewise":
+            return _piecewise_math().inverse(self.name, z, left)
+        if self.name == "identity":
+            return z
+        raise ValueError(f"{self.name} is not invertible: its input cannot be rebuilt from its output")
 
-    def grad_input(self, z: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
-        """``dL/dy`` from the output ``z`` and ``dL/dz``."""
+    def grad_input(self, z: Tensor, grad_z: Tensor) -> Tensor:
+        """``dL/dy`` from the output ``z`` and ``dL/dz``, for invertible activations (and relu)."""
         if self.name == "leaky_relu":
             return torch.where(z >= 0, grad_z, grad_z * self.param)
         if self.name == "elu":
             return torch.where(z >= 0, grad_z, grad_z * (z + self.param))
         if self.name == "relu":
             return torch.where(z > 0, grad_z, torch.zeros_like(grad_z))
-        return grad_z
+        if self.name == "identity":
+            return grad_z
+        raise ValueError(f"the gradient of {self.name} is not a function of its output alone")
 
 
 def make_activation(name: str, param: float = 0.0) -> Activation:
@@ -89,24 +189,34 @@ def _make_activation(name: str, param) -> Activation:
         )
     if canonical == "elu" and param <= 0:
         raise ValueError(f"elu needs alpha > 0 (got activation_param={param}); the usual value is 1.0.")
-    if canonical in ("relu", "identity"):
+    if canonical == "leaky_relu" and param == 0:
+        canonical = "relu"  # the same function; one name, so one compiled graph and one code path
+    if canonical not in _PARAMETRIZED:
         param = 0.0
     return Activation(canonical, param)
 
 
-_warned_not_invertible: set[Activation] = set()
+def describe(activation: Activation) -> str:
+    """``leaky_relu[0.01]``, ``silu``: the name, with the parameter where it has one."""
+    if activation.name in _PARAMETRIZED:
+        return f"{activation.name}[{activation.param}]"
+    return activation.name
 
 
-def warn_not_invertible(activation: Activation) -> None:
-    """Warn once per activation that an in-place layer with it keeps its input and saves no memory."""
-    if activation in _warned_not_invertible:
+_warned_outside: set[Activation] = set()
+
+
+def warn_outside_recompute(activation: Activation) -> None:
+    """Warn once per activation that a recompute-mode layer ran without the recompute hooks."""
+    if activation in _warned_outside:
         return
-    _warned_not_invertible.add(activation)
-    what = "relu" if activation.name == "relu" else "leaky_relu with slope 0"
+    _warned_outside.add(activation)
     warnings.warn(
-        f"InPlaceABN with {what} is not invertible: the layer keeps its input, as ABN does, so its "
-        "gradients stay exact but it saves no memory. Use activation='leaky_relu' with a slope such as "
-        "activation_param=0.01 to run in place.",
+        f"A recompute-mode layer ({describe(activation)}: RecomputeABN, or InPlaceABN with an activation that "
+        "cannot run in place) was trained outside inplace_abn.enable_recompute(model): it is exact, but the "
+        "next layer stores its own copy of the output, so no memory is saved. Call "
+        "inplace_abn.enable_recompute(model) once (convert_to_abn does), or wrap the forward in "
+        "inplace_abn.recompute_scope().",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )

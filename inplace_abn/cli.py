@@ -18,6 +18,8 @@ COMMANDS = {
     "train": ("train", "train a segmentation or classification network"),
     "evaluate": ("evaluate", "evaluate a trained network and write predictions"),
     "demo": ("demo", "train the same small DeepLabV3 with BatchNorm and InPlace-ABN on built-in data, and compare"),
+    "check-data": ("check_data", "read a whole dataset tree; list unreadable files, missing pairs, bad label ids"),
+    "convert-checkpoint": ("convert_checkpoint", "rewrite a trusted old checkpoint so that it loads safely"),
 }
 
 
@@ -27,6 +29,19 @@ OPTIONAL_PACKAGES = {"numpy", "PIL", "tqdm", "matplotlib"}
 
 def _load(command: str):
     return importlib.import_module(f"inplace_abn.tools.{COMMANDS[command][0]}")
+
+
+def _input_error_message(error: BaseException):
+    """The one-line message of a bad data file or a refused checkpoint (``None`` for other errors).
+    Their classes are looked up among loaded modules, not imported: one of them can only have been
+    raised by a module already loaded, and the command line stays free of the tools' packages."""
+    data_errors = sys.modules.get("inplace_abn.data.errors")
+    if data_errors is not None and isinstance(error, data_errors.DataError):
+        return data_errors.message_of(error)  # also unwraps what a DataLoader worker raised
+    checkpoint = sys.modules.get("inplace_abn.training.checkpoint")
+    if checkpoint is not None and isinstance(error, checkpoint.CheckpointError):
+        return str(error)
+    return None
 
 
 def main(argv=None) -> int:
@@ -65,6 +80,12 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    except Exception as error:
+        message = _input_error_message(error)
+        if message is None:
+            raise
+        print(f"inplace-abn {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,23 +1,23 @@
-"""Functional API: ``abn``, ``inplace_abn`` and ``inplace_abn_sync``, with the positional order of
-inplace-abn 1.1.0, and the autograd Function that keeps one activation per layer.
+"""Functional API: ``abn``, ``inplace_abn`` and ``inplace_abn_sync`` (the positional order of
+inplace-abn 1.1.0), ``recompute_abn`` and ``channel_gate``; and the autograd Functions that keep one
+full-size tensor per layer: the output (in place) or the input (recompute).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import backends, distributed
+from . import backends, distributed, recompute
 from .backends import eager
-from .activations import Activation, make_activation, warn_not_invertible
-
-IDENTITY = Activation("identity")
+from .activations import Activation, make_activation, warn_outside_recompute
 
 Tensor = torch.Tensor
 
-__all__ = ["abn", "inplace_abn", "inplace_abn_sync"]
+__all__ = ["abn", "channel_gate", "inplace_abn", "inplace_abn_sync", "recompute_abn"]
 
 
 class _EffectiveScale(torch.autograd.Function):
@@ -34,8 +34,46 @@ class _EffectiveScale(torch.autograd.Function):
         return eager.times_sign(grad, weight), None
 
 
+def _forward_stats(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
+                   group, shortcut, in_place: bool):
+    """The forward of both Functions: ``(z, mean, var, count, bits)``. In place, ``z`` is ``x``; ``mean``
+    and ``var`` are the statistics used (the running ones in eval mode), ``count`` the global element
+    count when synchronized, ``bits`` the packed branch mask of a piecewise activation in place."""
+    count, bits = None, None
+    if not training:
+        mean, var = running_mean, running_var
+        if in_place:
+            z, bits = x, backend.normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut)
+        else:
+            z = backend.normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut)
+    elif group is None:  # the running statistics are updated inside, in the same fused pass
+        step = backend.forward_train_ if in_place else backend.forward_train
+        out = step(x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
+        if in_place:
+            z, (mean, var, *rest) = x, out
+            bits = rest[0] if rest else None
+        else:
+            z, mean, var = out
+    else:  # count: the global count, a 0-dim tensor (reading it back would stall CUDA streams)
+        mean, var = backend.batch_stats(x)
+        mean, var, count = distributed.global_batch_stats(mean, var, x.numel() // x.shape[1], group)
+        if running_mean is not None and running_var is not None:
+            eager.update_running_stats_(running_mean, running_var, mean, var, count, momentum)
+        if in_place:
+            z, bits = x, backend.normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut)
+        else:
+            z = backend.normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut)
+    return z, mean, var, count, bits
+
+
+def _set_context(ctx, training, eps, activation, group, count, shortcut) -> None:
+    ctx.training, ctx.eps, ctx.activation, ctx.group, ctx.count = training, eps, activation, group, count
+    ctx.has_shortcut = shortcut is not None
+
+
 class InPlaceABNFunction(torch.autograd.Function):
-    """BatchNorm + invertible activation written over the input; saves only the output.
+    """BatchNorm (+ shortcut) + invertible or piecewise activation written over the input; saves only
+    the output (and the shortcut, and a piecewise activation's branch bits).
 
     Returns ``z`` (the input, overwritten) alone: autograd allows a Function that modifies a view in
     place only one output, so the running statistics are updated here, not by the caller. With
@@ -44,23 +82,14 @@ class InPlaceABNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group):
-        backend = backends.select(x)
-        count = None
-        if not training:
-            var = running_var
-            backend.normalize_activate_(x, running_mean, running_var, weight, bias, eps, activation)
-        elif group is None:  # the running statistics are updated inside, in the same fused pass
-            _, var = backend.forward_train_(x, weight, bias, eps, activation, running_mean, running_var, momentum)
-        else:  # count: the global count, a 0-dim tensor (reading it back would stall CUDA streams)
-            mean, var = backend.batch_stats(x)
-            mean, var, count = distributed.global_batch_stats(mean, var, x.numel() // x.shape[1], group)
-            if running_mean is not None and running_var is not None:
-                eager.update_running_stats_(running_mean, running_var, mean, var, count, momentum)
-            backend.normalize_activate_(x, mean, var, weight, bias, eps, activation)
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
+                shortcut):
+        backend = backends.select(x, activation, shortcut)
+        _, _, var, count, bits = _forward_stats(backend, x, weight, bias, running_mean, running_var, training,
+                                                momentum, eps, activation, group, shortcut, in_place=True)
         ctx.mark_dirty(x)
-        ctx.training, ctx.eps, ctx.activation, ctx.group, ctx.count = training, eps, activation, group, count
-        ctx.save_for_backward(x, var, weight, bias)
+        _set_context(ctx, training, eps, activation, group, count, shortcut)
+        ctx.save_for_backward(x, var, weight, bias, shortcut, bits)
         return x
 
     @staticmethod
@@ -70,37 +99,110 @@ class InPlaceABNFunction(torch.autograd.Function):
         return _backward(ctx, grad_z)  # the usual case: skips once_differentiable's wrapping (~12 µs)
 
 
-def _backward(ctx, grad_z):
-    """The backward of :class:`InPlaceABNFunction`: rebuilds what it needs from ``z`` alone."""
-    z, var, weight, bias = ctx.saved_tensors
-    backend = backends.select(z)
-    if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
-        grad_z = torch.empty_like(z).copy_(grad_z)
-    if ctx.group is None or not ctx.training:
-        dx, grad_weight, grad_bias = backend.backward(
-            z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training
-        )
-    else:
-        sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation)
-        # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
-        grad_weight, grad_bias = eager.param_grads(sum_dy, sum_dy_xhat, weight, bias)
-        sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
-        # Divided here by the global count (a tensor), so the backend sees count 1, a plain int.
-        dx = backend.backward_apply(
-            z, grad_z, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps, ctx.activation
-        )
+class RecomputeABNFunction(torch.autograd.Function):
+    """BatchNorm (+ shortcut) + any activation, out of place; saves its input and the per-channel
+    statistics, and marks its output to be rebuilt from them wherever a later op saves it
+    (:mod:`inplace_abn.recompute`). Its own backward needs no output either."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
+                shortcut):
+        backend = backends.select(x, activation, shortcut, recompute=True)
+        z, mean, var, count, _ = _forward_stats(backend, x, weight, bias, running_mean, running_var, training,
+                                                momentum, eps, activation, group, shortcut, in_place=False)
+        if not training:  # the running statistics may change before backward: keep their values
+            mean, var = mean.clone(), var.clone()
+        _set_context(ctx, training, eps, activation, group, count, shortcut)
+        ctx.save_for_backward(x, mean, var, weight, bias, shortcut)
+        # A shortcut that is itself rebuilt would make rebuilding chain through the whole stage: the
+        # output is then stored (by the ops that save it), which breaks the chain after one link.
+        if recompute.active() and (shortcut is None or not recompute.is_recomputed(shortcut)):
+            recompute.register_recipe(z, functools.partial(_rebuild_output, ctx))
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        if torch.is_grad_enabled():
+            return _recompute_backward_once_differentiable(ctx, grad_z)
+        return _recompute_backward(ctx, grad_z)
+
+
+def _rebuild_output(ctx) -> Tensor:
+    """A :class:`RecomputeABNFunction`'s output, from what its node keeps (one elementwise pass)."""
+    x, mean, var, weight, bias, shortcut = ctx.saved_tensors
+    backend = backends.select(x, ctx.activation, shortcut, recompute=True)
+    with torch.no_grad():
+        return backend.normalize_activate(x, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut)
+
+
+def _grads(ctx, dx, grad_weight, grad_bias, grad_shortcut, weight, bias):
     if weight is None or not ctx.needs_input_grad[1]:
         grad_weight = None
     if bias is None or not ctx.needs_input_grad[2]:
         grad_bias = None
-    return dx, grad_weight, grad_bias, None, None, None, None, None, None, None
+    return dx, grad_weight, grad_bias, None, None, None, None, None, None, None, grad_shortcut
+
+
+def _split(result, has_shortcut: bool):
+    """``(dx, grad_shortcut)`` from what a backend's backward_apply returns."""
+    return result if has_shortcut else (result, None)
+
+
+def _backward(ctx, grad_z):
+    """The backward of :class:`InPlaceABNFunction`: rebuilds what it needs from ``z`` alone."""
+    z, var, weight, bias, shortcut, bits = ctx.saved_tensors
+    backend = backends.select(z, ctx.activation, shortcut)
+    if grad_z.stride() != z.stride():  # e.g. an expanded gradient from .sum(): match z's layout
+        grad_z = torch.empty_like(z).copy_(grad_z)
+    if ctx.group is None or not ctx.training:
+        dx, grad_weight, grad_bias, *grad_shortcut = backend.backward(
+            z, grad_z, var, weight, bias, ctx.eps, ctx.activation, ctx.training, shortcut, bits
+        )
+        grad_shortcut = grad_shortcut[0] if grad_shortcut else None
+    else:
+        sum_dy, sum_dy_xhat = backend.backward_reduce(z, grad_z, weight, bias, ctx.eps, ctx.activation, shortcut, bits)
+        # Parameter gradients are the local contributions, as nn.SyncBatchNorm: DDP averages them.
+        grad_weight, grad_bias = eager.param_grads(sum_dy, sum_dy_xhat, weight, bias)
+        sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
+        # Divided here by the global count (a tensor), so the backend sees count 1, a plain int.
+        dx, grad_shortcut = _split(backend.backward_apply(
+            z, grad_z, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps, ctx.activation,
+            shortcut, bits,
+        ), ctx.has_shortcut)
+    return _grads(ctx, dx, grad_weight, grad_bias, grad_shortcut, weight, bias)
+
+
+def _recompute_backward(ctx, grad_z):
+    """The backward of :class:`RecomputeABNFunction`: rebuilds what it needs from ``x``."""
+    x, mean, var, weight, bias, shortcut = ctx.saved_tensors
+    backend = backends.select(x, ctx.activation, shortcut, recompute=True)
+    if grad_z.stride() != x.stride():
+        grad_z = torch.empty_like(x).copy_(grad_z)
+    if ctx.group is None or not ctx.training:
+        dx, grad_weight, grad_bias, *grad_shortcut = backend.recompute_backward(
+            x, grad_z, mean, var, weight, bias, ctx.eps, ctx.activation, ctx.training, shortcut
+        )
+        grad_shortcut = grad_shortcut[0] if grad_shortcut else None
+    else:
+        sum_dy, sum_dy_xhat = backend.recompute_backward_reduce(
+            x, grad_z, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut
+        )
+        grad_weight, grad_bias = eager.param_grads(sum_dy, sum_dy_xhat, weight, bias)
+        sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
+        dx, grad_shortcut = _split(backend.recompute_backward_apply(
+            x, grad_z, mean, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps,
+            ctx.activation, shortcut,
+        ), ctx.has_shortcut)
+    return _grads(ctx, dx, grad_weight, grad_bias, grad_shortcut, weight, bias)
 
 
 _backward_once_differentiable = torch.autograd.function.once_differentiable(_backward)
+_recompute_backward_once_differentiable = torch.autograd.function.once_differentiable(_recompute_backward)
 
 
 def _check(
-    x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool, synchronized: bool = False
+    x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool,
+    synchronized: bool = False, shortcut=None,
 ) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor input, got {type(x).__name__}")
@@ -117,6 +219,14 @@ def _check(
                 f"input has {channels} channels (dim 1 of shape {tuple(x.shape)}) but {name} has "
                 f"{tensor.numel()} values: build the layer with num_features={channels}, or check the layer order."
             )
+    if shortcut is not None:
+        if not isinstance(shortcut, Tensor) or not shortcut.is_floating_point():
+            raise TypeError(f"shortcut must be a floating-point tensor, got {type(shortcut).__name__}")
+        if shortcut.shape != x.shape or shortcut.device != x.device:
+            raise ValueError(
+                f"shortcut must have the input's shape {tuple(x.shape)} on {x.device} (it is added to the "
+                f"normalized input before the activation), got {tuple(shortcut.shape)} on {shortcut.device}"
+            )
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (got {eps}): the scale |w| + eps must stay positive to be invertible.")
     # A synchronized shard may hold one value per channel (or none): the global batch counts, and
@@ -132,34 +242,48 @@ def _check(
         raise RuntimeError(
             "InPlaceABN overwrites its input, but the input is a leaf tensor that requires grad (its original "
             "values are needed for its .grad). Pass x.clone(), or feed the layer the output of another op "
-            "(conv, linear), or use ABN, which does not work in place."
+            "(conv, linear), or use ABN or RecomputeABN, which do not write over their input."
         )
 
 
-def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group):
-    if not activation.invertible:
-        # Exact but not in place: normalize a copy of x, then apply the activation out of place.
-        if not torch.compiler.is_compiling():
-            warn_not_invertible(activation)
-        y = _inplace_abn(x.clone(), weight, bias, running_mean, running_var, training, momentum, eps, IDENTITY, group)
-        return activation.forward(y)
+def _apply(function, args, x: Tensor) -> Tensor:
+    if not torch.is_autocast_enabled(x.device.type):
+        return function.apply(*args)
+    with torch.autocast(x.device.type, enabled=False):  # computes in float32 itself
+        return function.apply(*args)
+
+
+def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut=None):
+    if not activation.in_place:  # a lossy activation: the input is kept instead
+        return _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
+                              shortcut)
     if torch.compiler.is_compiling():
         # torch.compile (2.13) returns a wrong input gradient when an in-place autograd.Function
         # overwrites a graph input (the layer first in a compiled region, e.g. after DDP splits the
         # graph). A copy makes the input an intermediate. Under compile, AOTAutograd functionalizes
         # the graph and picks what to save anyway; Inductor fuses the copy into the kernel.
         x = x.clone()
-    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group)
-    if not torch.is_autocast_enabled(x.device.type):
-        return InPlaceABNFunction.apply(*args)
-    with torch.autocast(x.device.type, enabled=False):  # computes in float32 itself
-        return InPlaceABNFunction.apply(*args)
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut)
+    return _apply(InPlaceABNFunction, args, x)
 
 
-def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation):
+def _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
+                   shortcut=None):
+    if torch.compiler.is_compiling():
+        if group is None:  # standard ops: the outer compiler picks what to save and what to recompute
+            return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, shortcut)
+    elif torch.is_grad_enabled() and not recompute.active():
+        warn_outside_recompute(activation)
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut)
+    return _apply(RecomputeABNFunction, args, x)
+
+
+def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation, shortcut=None):
     scale = _EffectiveScale.apply(weight, eps) if weight is not None else None
     with torch.autocast(x.device.type, enabled=False):
         y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
+    if shortcut is not None:
+        y = y + shortcut
     # Out of place, as BatchNorm + activation: ABN is the safe layer where the output is later
     # modified in place (an in-place activation would have autograd keep the output).
     return activation.forward(y)
@@ -176,24 +300,50 @@ def batch_norm_act(
     eps: float,
     activation: str,
     activation_param: float,
+    shortcut: Optional[Tensor] = None,
 ) -> Tensor:
     """The layers' math in standard ops only, out of place: ``F.batch_norm`` with scale ``|w| + eps``,
-    then the activation. What TorchScript, ``torch.jit.trace``, ``torch.export`` and ONNX record (the
-    in-place autograd Function is opaque to them); scriptable. Saves no memory, and under it
-    ``weight.grad`` at ``w == 0`` is 0 (``abs``) where the layers give ``+1``.
+    plus the shortcut, then the activation. What TorchScript, ``torch.jit.trace``, ``torch.export`` and
+    ONNX record (the autograd Functions are opaque to them); scriptable. Saves no memory, and under it
+    ``weight.grad`` at ``w == 0`` is 0 (``abs``) where the layers give ``+1``. ``activation``: a name
+    :func:`~inplace_abn.activations.make_activation` accepts (validated when the layer was built).
     """
     scale: Optional[Tensor] = None
     if weight is not None:
         scale = weight.abs() + eps
     y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
+    if shortcut is not None:
+        y = y + shortcut
     name = activation.lower()
+    if name == "swish":
+        name = "silu"
+    elif name.startswith("hard_"):  # hard_swish, hard_sigmoid
+        name = "hard" + name[5:]
     if name == "leaky_relu":
         return F.leaky_relu(y, activation_param)
     if name == "elu":
         return F.elu(y, activation_param)
     if name == "relu":
         return F.relu(y)
-    return y  # identity (alias "none"); names were validated when the layer was built
+    if name == "relu6":
+        return F.relu6(y)
+    if name == "hardswish":
+        return F.hardswish(y)
+    if name == "hardsigmoid":
+        return F.hardsigmoid(y)
+    if name == "silu":
+        return F.silu(y)
+    if name == "gelu":
+        return F.gelu(y)
+    if name == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if name == "mish":
+        return F.mish(y)
+    if name == "sigmoid":
+        return torch.sigmoid(y)
+    if name == "tanh":
+        return torch.tanh(y)
+    return y  # identity
 
 
 def abn(
@@ -207,14 +357,17 @@ def abn(
     eps: float = 1e-5,
     activation: str = "leaky_relu",
     activation_param: float = 0.01,
+    *,
+    shortcut: Optional[Tensor] = None,
 ) -> Tensor:
-    """BatchNorm with scale ``|w| + eps`` followed by the activation, out of place (keeps ``x``).
+    """BatchNorm with scale ``|w| + eps``, plus ``shortcut`` if given, then the activation, out of
+    place (keeps ``x``, as BatchNorm + activation do).
 
-    Same math as :func:`inplace_abn`, so the two are interchangeable with the same weights; supports
-    ``relu`` too.
+    Same math as :func:`inplace_abn`, so the two are interchangeable with the same weights.
     """
-    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=False)
-    return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, make_activation(activation, activation_param))
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=False, shortcut=shortcut)
+    act = make_activation(activation, activation_param)
+    return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, shortcut)
 
 
 def inplace_abn(
@@ -228,16 +381,45 @@ def inplace_abn(
     eps: float = 1e-5,
     activation: str = "leaky_relu",
     activation_param: float = 0.01,
+    *,
+    shortcut: Optional[Tensor] = None,
 ) -> Tensor:
-    """In-place activated BatchNorm: writes ``act(|w|+eps) * xhat + b)`` over ``x`` and returns it.
+    """In-place activated BatchNorm: writes ``act((|w| + eps) * xhat + b (+ shortcut))`` over ``x`` and
+    returns it.
 
     In training mode the batch statistics are used and the running statistics updated with
     ``momentum`` (unbiased variance); in eval mode the running statistics are used. Only the output
-    is kept for backward. ``x`` must not be needed by anything else afterwards: see the README.
+    is kept for backward (with the shortcut, and one bit per element for silu, gelu and mish). ``x``
+    must not be needed by anything else afterwards: see the README. With a lossy activation (relu,
+    hardswish, ...) this is :func:`recompute_abn`, which keeps ``x`` instead.
     """
     act = make_activation(activation, activation_param)
-    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.invertible)
-    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None)
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.in_place, shortcut=shortcut)
+    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None, shortcut)
+
+
+def recompute_abn(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    activation_param: float = 0.0,
+    *,
+    shortcut: Optional[Tensor] = None,
+) -> Tensor:
+    """:func:`abn`'s result, keeping only ``x`` and per-channel statistics for backward: the output is
+    rebuilt (one elementwise pass) wherever a later op saved it, when the model runs under
+    :func:`inplace_abn.enable_recompute` (:mod:`inplace_abn.recompute`). ``x`` is not modified, so it may
+    be used elsewhere. Exact for any activation.
+    """
+    act = make_activation(activation, activation_param)
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=False, shortcut=shortcut)
+    return _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None, shortcut)
 
 
 def inplace_abn_sync(
@@ -252,12 +434,57 @@ def inplace_abn_sync(
     activation: str = "leaky_relu",
     activation_param: float = 0.01,
     group=None,
+    *,
+    shortcut: Optional[Tensor] = None,
+    in_place: bool = True,
 ) -> Tensor:
-    """:func:`inplace_abn` with statistics synchronized over ``group`` (default: the whole world).
+    """:func:`inplace_abn` (``in_place=False``: :func:`recompute_abn`) with statistics synchronized over
+    ``group`` (default: the whole world).
 
     Without an initialized process group, or with one process, it is :func:`inplace_abn`.
     """
     act = make_activation(activation, activation_param)
     group = distributed.group_to_sync(group) if training else None
-    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.invertible, synchronized=group is not None)
-    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, group)
+    in_place = in_place and act.in_place
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=in_place,
+           synchronized=group is not None, shortcut=shortcut)
+    run = _inplace_abn if in_place else _recompute_abn
+    return run(x, weight, bias, running_mean, running_var, training, momentum, eps, act, group, shortcut)
+
+
+class _ChannelGateFunction(torch.autograd.Function):
+    """``x * gate``, saving ``x`` and ``gate`` (``x`` usually a layer output kept anyway) and marking the
+    product to be rebuilt from them wherever a later op saves it."""
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        ctx.save_for_backward(x, gate)
+        out = x * gate
+        recompute.register_recipe(out, functools.partial(_rebuild_gated, ctx))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, gate = ctx.saved_tensors
+        grad_x = grad * gate if ctx.needs_input_grad[0] else None
+        grad_gate = (grad * x).sum_to_size(gate.shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_gate
+
+
+def _rebuild_gated(ctx) -> Tensor:
+    x, gate = ctx.saved_tensors
+    with torch.no_grad():
+        return x * gate
+
+
+def channel_gate(x: Tensor, gate: Tensor) -> Tensor:
+    """``x * gate`` for a gate that broadcasts against ``x`` (e.g. a squeeze-excitation gate of shape
+    ``(N, C, 1, 1)``). Under :func:`inplace_abn.enable_recompute` the product is not stored by the ops
+    that save it (the next convolution): it is rebuilt from ``x`` and ``gate`` in backward. Otherwise,
+    and under ``torch.compile``, it is the plain product."""
+    if torch.compiler.is_compiling() or not recompute.active() or not torch.is_grad_enabled():
+        return x * gate
+    if torch.broadcast_shapes(x.shape, gate.shape) != x.shape:
+        raise ValueError(f"channel_gate: the gate {tuple(gate.shape)} must broadcast to x's shape {tuple(x.shape)}")
+    return _ChannelGateFunction.apply(x, gate)

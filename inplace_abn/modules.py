@@ -1,5 +1,5 @@
-"""The layers: ``ABN``, ``InPlaceABN`` and ``InPlaceABNSync`` share one base and differ only in the
-function they call. Parameters, buffers, state-dict keys and momentum semantics are those of
+"""The layers: ``ABN``, ``InPlaceABN``, ``RecomputeABN`` and ``InPlaceABNSync`` share one base and differ
+only in the function they call. Parameters, buffers, state-dict keys and momentum semantics are those of
 ``torch.nn.BatchNorm2d``, so a BatchNorm state dict loads.
 """
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import functions
-from .activations import make_activation, warn_not_invertible
+from .activations import describe, make_activation
 
 
 def _recording_graph() -> bool:
@@ -21,10 +21,11 @@ def _recording_graph() -> bool:
 
 
 class ABN(nn.Module):
-    """Activated BatchNorm: BatchNorm with effective scale ``|weight| + eps``, then an activation.
+    """Activated BatchNorm: BatchNorm with effective scale ``|weight| + eps``, then an activation;
+    ``layer(x, shortcut)`` computes ``act(BN(x) + shortcut)`` (a residual block's add, fused).
 
-    Not in place: keeps its input, like BatchNorm + activation, and accepts ``relu``. Its math is
-    that of :class:`InPlaceABN`, so the two are interchangeable with the same weights.
+    Not in place: keeps what BatchNorm + activation keep. Its math is that of :class:`InPlaceABN`,
+    so the layers are interchangeable with the same weights.
 
     Args:
         num_features: channels ``C`` of an input ``(N, C, *spatial)`` of rank 2 to 5.
@@ -32,8 +33,10 @@ class ABN(nn.Module):
         momentum: running-statistics update factor; ``None`` for a cumulative average.
         affine: learn ``weight`` and ``bias``.
         track_running_stats: keep running statistics for eval mode (else batch statistics always).
-        activation: ``"leaky_relu"``, ``"elu"``, ``"identity"`` (alias ``"none"``), or ``"relu"``.
-        activation_param: leaky_relu's negative slope, or elu's alpha.
+        activation: one of :data:`inplace_abn.activations.ACTIVATIONS`: ``"leaky_relu"``, ``"elu"``,
+            ``"identity"`` (alias ``"none"``), ``"silu"`` (alias ``"swish"``), ``"gelu"``, ``"gelu_tanh"``,
+            ``"mish"``, ``"relu"``, ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"sigmoid"``, ``"tanh"``.
+        activation_param: leaky_relu's negative slope, or elu's alpha (ignored by the others).
     """
 
     _version = 2  # that of BatchNorm's state dict: has num_batches_tracked
@@ -112,31 +115,29 @@ class ABN(nn.Module):
             return self.running_mean, self.running_var
         return None, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
-            return self._forward_standard_ops(x)
+            return self._forward_standard_ops(x, shortcut)
         if _recording_graph():
-            return self._forward_standard_ops(x)
+            return self._forward_standard_ops(x, shortcut)
         momentum, use_batch_stats = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         return self._function(
             x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
-            self.activation, self.activation_param,
+            self.activation, self.activation_param, shortcut=shortcut,
         )
 
-    def _forward_standard_ops(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_standard_ops(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The same math out of place in standard ops (``F.batch_norm`` + activation), for exporters."""
         momentum, use_batch_stats = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
         return functions.batch_norm_act(
             x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
-            self.activation, float(self.activation_param),
+            self.activation, float(self.activation_param), shortcut,
         )
 
     def extra_repr(self) -> str:
-        act = self._activation.name
-        if act in ("leaky_relu", "elu"):
-            act += f"[{self._activation.param}]"
+        act = describe(self._activation)
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, activation={act}"
@@ -155,20 +156,27 @@ class InPlaceABN(ABN):
     """In-place activated BatchNorm: writes its output over its input and keeps only the output for
     backward, halving the activation memory of a BatchNorm + activation pair.
 
-    The activation must be invertible: ``leaky_relu`` with slope > 0 (default 0.01), ``elu``, or
-    ``identity``. With ``relu`` or slope 0 the layer stays exact by keeping its input, as
-    :class:`ABN` does, and warns once that it saves no memory. The input must not be used by
-    anything else after this layer: see the README ("What may not share an in-place input").
+    In place for ``leaky_relu`` (slope > 0, the default 0.01), ``elu``, ``identity``, and for ``silu``,
+    ``gelu``, ``gelu_tanh`` and ``mish``, which also keep one bit per element (the side of their
+    minimum). With an activation that loses information (``relu``, ``relu6``, ``hardswish``,
+    ``hardsigmoid``, ``sigmoid``, ``tanh``) it works as :class:`RecomputeABN`. The input must not be
+    used by anything else after this layer: see the README ("What may not share an in-place input").
     """
 
     _function = staticmethod(functions.inplace_abn)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
-                 **factory):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param, **factory)
-        if not self._activation.invertible:
-            warn_not_invertible(self._activation)
+
+class RecomputeABN(ABN):
+    """BatchNorm + activation that keeps its input and per-channel statistics, not its output: where a
+    later op (the next convolution) would store the output for backward, it is rebuilt there instead,
+    one elementwise pass (the paper's "computationally efficient checkpointing", METHOD.md §8 (c)).
+
+    Exact for any activation, and the input is not modified, so it may also be used elsewhere. The
+    memory is saved when the model runs under :func:`inplace_abn.enable_recompute` (what
+    :func:`inplace_abn.convert_to_abn` sets up); otherwise the output is stored as after BatchNorm.
+    """
+
+    _function = staticmethod(functions.recompute_abn)
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -181,8 +189,8 @@ class InPlaceABNSync(InPlaceABN):
 
     ``group=None`` synchronizes over the whole world. Without an initialized process group, with
     one process, on a rank outside ``group``, or in eval mode, it behaves as :class:`InPlaceABN` and
-    communicates nothing. ``in_place=False`` keeps the input, as :class:`ABN` does (what
-    :meth:`convert_sync_abn` gives an ``ABN``, whose input may still be in use).
+    communicates nothing. ``in_place=False`` works as :class:`RecomputeABN`: the input is kept and
+    not modified (what :meth:`convert_sync_abn` gives an ``ABN``, whose input may still be in use).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -196,21 +204,19 @@ class InPlaceABNSync(InPlaceABN):
         """Synchronize over ``group`` from now on (what :func:`~inplace_abn.set_active_group` calls)."""
         self.group = group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
         if torch.jit.is_scripting():  # TorchScript compiles this branch only
-            return self._forward_standard_ops(x)  # in training: this rank's statistics, no collective
+            return self._forward_standard_ops(x, shortcut)  # in training: this rank's statistics, no collective
         if _recording_graph():
-            return self._forward_standard_ops(x)
-        if not self.in_place and self._activation.invertible:  # not invertible: already out of place
-            x = x.clone()
-        if not self.training:  # running statistics, or (untracked) this rank's batch: nothing to share
-            return super().forward(x)
+            return self._forward_standard_ops(x, shortcut)
         momentum, use_batch_stats = self._momentum_and_training()
         running_mean, running_var = self._running_stats()
-        return functions.inplace_abn_sync(
-            x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
-            self.activation, self.activation_param, self.group,
-        )
+        args = (x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
+                self.activation, self.activation_param)
+        if not self.training:  # running statistics, or (untracked) this rank's batch: nothing to share
+            function = functions.inplace_abn if self.in_place else functions.recompute_abn
+            return function(*args, shortcut=shortcut)
+        return functions.inplace_abn_sync(*args, self.group, shortcut=shortcut, in_place=self.in_place)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.in_place else ", in_place=False")
@@ -222,9 +228,9 @@ class InPlaceABNSync(InPlaceABN):
 
         The new layers share the old ones' parameters and buffers (an optimizer built before the
         conversion still holds the right tensors) and keep their hyper-parameters, activation and
-        train/eval mode. An ``ABN`` becomes ``InPlaceABNSync(in_place=False)``, since code written for
-        ``ABN`` may still use its input. Layers that already are ``InPlaceABNSync`` are kept as they
-        are (change their group with :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm``
+        train/eval mode. An ``ABN`` or ``RecomputeABN`` becomes ``InPlaceABNSync(in_place=False)``, since
+        code written for them may still use their input. Layers that already are ``InPlaceABNSync`` are
+        kept as they are (change their group with :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm``
         layers are not touched: ``nn.SyncBatchNorm.convert_sync_batchnorm`` handles those.
         """
         if isinstance(module, ABN) and not isinstance(module, InPlaceABNSync):

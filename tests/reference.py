@@ -6,14 +6,18 @@ import torch.nn.functional as F
 BATCHNORM_BY_RANK = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 
 
+#: name -> the standard op, for every activation the layers take (independent of the package's table)
+TORCH_ACTIVATIONS = {
+    "leaky_relu": F.leaky_relu, "elu": F.elu, "relu": lambda y, _: F.relu(y), "relu6": lambda y, _: F.relu6(y),
+    "hardswish": lambda y, _: F.hardswish(y), "hardsigmoid": lambda y, _: F.hardsigmoid(y),
+    "silu": lambda y, _: F.silu(y), "gelu": lambda y, _: F.gelu(y), "gelu_tanh": lambda y, _: F.gelu(y, approximate="tanh"),
+    "mish": lambda y, _: F.mish(y), "sigmoid": lambda y, _: torch.sigmoid(y), "tanh": lambda y, _: torch.tanh(y),
+    "identity": lambda y, _: y,
+}
+
+
 def torch_activation(y, name, param):
-    if name == "leaky_relu":
-        return F.leaky_relu(y, param)
-    if name == "elu":
-        return F.elu(y, param)
-    if name == "relu":
-        return F.relu(y)
-    return y
+    return TORCH_ACTIVATIONS[name](y, param)
 
 
 class ReferenceABN(torch.nn.Module):
@@ -36,7 +40,8 @@ class ReferenceABN(torch.nn.Module):
             del self.bn.weight
         self.activation, self.param = layer._activation.name, layer._activation.param
 
-    def forward(self, x):
+    def forward(self, x, shortcut=None):
         if self.raw_weight is not None:
             self.bn.weight = self.raw_weight.abs() + self.bn.eps
-        return torch_activation(self.bn(x), self.activation, self.param)
+        y = self.bn(x)
+        return torch_activation(y if shortcut is None else y + shortcut, self.activation, self.param)

@@ -97,6 +97,12 @@ def test_cityscapes_layout_errors(cityscapes_root, tmp_path):
     (root / "leftImg8bit" / "val" / "ulm").mkdir(parents=True)
     image_path = root / "leftImg8bit" / "val" / "ulm" / "ulm_000000_000001_leftImg8bit.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(image_path)
+    with pytest.raises(DataError, match="no ground-truth folder .*gtFine/val for the 'val' images"):
+        CityscapesDataset(str(root), "val")
+    (root / "leftImg8bit" / "train_extra").mkdir()
+    with pytest.raises(DataError, match="train_extra has coarse annotations only"):
+        CityscapesDataset(str(root), "train_extra", annotation="fine")
+    (root / "gtFine" / "val" / "ulm").mkdir(parents=True)
     with pytest.raises(DataError, match="no ground truth for .*ulm_000000_000001_leftImg8bit.png: expected .*"):
         CityscapesDataset(str(root), "val")
     image_path.unlink()

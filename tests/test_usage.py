@@ -210,8 +210,8 @@ def test_one_value_per_channel_in_training():
 
 
 def test_unknown_activation_and_bad_parameters():
-    with pytest.raises(ValueError, match="Unknown activation 'gelu'.*leaky_relu"):
-        InPlaceABN(3, activation="gelu")
+    with pytest.raises(ValueError, match="Unknown activation 'prelu'.*leaky_relu.*silu.*hardswish"):
+        InPlaceABN(3, activation="prelu")
     with pytest.raises(ValueError, match="eps must be > 0"):
         InPlaceABN(3, eps=0)
     with pytest.raises(ValueError, match="eps must be > 0"):
@@ -233,23 +233,33 @@ def test_input_reused_after_overwrite_fails_in_backward(monkeypatch):
         (out + product + shortcut).sum().backward()
 
 
-@pytest.mark.parametrize("activation,param", [("relu", 0.0), ("leaky_relu", 0.0)])
-def test_not_invertible_activation_warns_once_and_stays_exact(monkeypatch, activation, param):
+@pytest.mark.parametrize("activation,param", [("relu", 0.0), ("leaky_relu", 0.0), ("hardswish", 0.0)])
+def test_lossy_activation_recomputes_exactly_and_warns_once_outside_the_hooks(monkeypatch, activation, param):
+    """An activation that cannot run in place makes InPlaceABN keep its input (recompute mode): exact
+    gradients, a leaf input is fine (it is not modified), and a warning, once, when it trains without
+    the recompute hooks (the next layer then keeps its own copy of the output)."""
     monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
     from inplace_abn import activations
 
-    activations._warned_not_invertible.clear()
-    with pytest.warns(UserWarning, match="not invertible.*saves no memory.*0.01"):
-        layer = InPlaceABN(3, activation=activation, activation_param=param).double()
+    activations._warned_outside.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second warning
-        InPlaceABN(3, activation=activation, activation_param=param)
+        warnings.simplefilter("error")  # nothing at construction
+        layer = InPlaceABN(3, activation=activation, activation_param=param).double()
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)  # a leaf is fine: nothing in place
-    out = layer(x)
+    with pytest.warns(UserWarning, match="outside inplace_abn.enable_recompute.*no memory is saved"):
+        out = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, and none under the hooks
+        layer(x)
+        with inplace_abn.recompute_scope():
+            layer(x)
+    assert torch.equal(x, x.detach()) and x.grad is None
     grad = torch.randn_like(out)
     out.backward(grad)
     ref_x = x.detach().clone().requires_grad_()
-    F.relu(F.batch_norm(ref_x, None, None, torch.ones(3, dtype=torch.float64) + 1e-5, torch.zeros(3, dtype=torch.float64), True)).backward(grad)
+    scale, shift = torch.ones(3, dtype=torch.float64) + 1e-5, torch.zeros(3, dtype=torch.float64)
+    act = {"hardswish": F.hardswish}.get(activation, F.relu)
+    act(F.batch_norm(ref_x, None, None, scale, shift, True)).backward(grad)
     torch.testing.assert_close(x.grad, ref_x.grad)
 
 

@@ -39,8 +39,18 @@ def requested() -> str:
     return choice
 
 
-def select(x: torch.Tensor):
-    """The backend module that runs the layer on ``x``."""
+def _triton_runs(activation, shortcut, recompute: bool) -> bool:
+    """Whether the Triton kernels cover the call: in place, no shortcut, an activation they implement;
+    the rest runs the eager math."""
+    return not recompute and shortcut is None and (activation is None or activation.name in TRITON_ACTIVATIONS)
+
+
+#: activations the Triton kernels implement
+TRITON_ACTIVATIONS = ("leaky_relu", "elu", "identity")
+
+
+def select(x: torch.Tensor, activation=None, shortcut=None, recompute: bool = False):
+    """The backend module that runs the layer on ``x`` (with this activation, shortcut and mode)."""
     if torch.compiler.is_compiling():
         # Inside the user's torch.compile: trace the plain ops and let the outer compiler fuse them.
         return eager
@@ -57,10 +67,10 @@ def select(x: torch.Tensor):
                 f"{ENV_VAR}=triton needs a CUDA tensor, or TRITON_INTERPRET=1 (set before triton is first "
                 f"imported) to run the kernels on {x.device.type} tensors in Triton's interpreter."
             )
-        return _triton()
+        return _triton() if _triton_runs(activation, shortcut, recompute) else eager
     # auto
     if x.device.type == "cuda" and x.dtype != torch.float64 and triton_available():
-        return _triton()
+        return _triton() if _triton_runs(activation, shortcut, recompute) else eager
     if x.device.type == "cpu" and compiled.available():
         return compiled
     return eager

@@ -17,6 +17,7 @@ channels_last run the eager math instead.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import warnings
 from typing import Callable, Optional
@@ -65,6 +66,8 @@ def _example(t: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
             fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
             return torch.zeros(sizes, dtype=t.dtype).to(memory_format=fmt)
         return torch.zeros(sizes, dtype=t.dtype)
+    if t.dtype == torch.uint8:  # packed branch bits: one bit per element of x
+        return torch.zeros((math.prod(sizes) + 7) // 8, dtype=t.dtype)
     if t.dim() == 0 or t.numel() == 1:  # a scalar (momentum: one element); per channel when C == 1 too
         return torch.ones(t.shape, dtype=t.dtype)
     return torch.ones(sizes[1], dtype=t.dtype)  # per channel
@@ -147,8 +150,12 @@ def batch_stats(x):
     return _run(eager.batch_stats, x)
 
 
-def normalize_activate_(x, mean, var, weight, bias, eps, activation):
-    _run(eager.normalize_activate_, x, mean, var, weight, bias, eps, activation)
+def normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut=None):
+    return _run(eager.normalize_activate, x, mean, var, weight, bias, eps, activation, shortcut)
+
+
+def normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut=None):
+    return _run(eager.normalize_activate_, x, mean, var, weight, bias, eps, activation, shortcut)
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,22 +165,45 @@ def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([value], dtype=dtype)
 
 
-def forward_train_(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0):
+def _momentum(running_mean, running_var, momentum):
     if running_mean is not None and running_var is not None:
         # A graph input, not a constant: momentum=None (a cumulative average) changes it every step.
-        momentum = _scalar(float(momentum), running_mean.dtype)
-    else:  # unused: a fixed value, so that it does not enter the graph's key
-        momentum = 0.0
-    return _run(eager.forward_train_, x, weight, bias, eps, activation, running_mean, running_var, momentum)
+        return _scalar(float(momentum), running_mean.dtype)
+    return 0.0  # unused: a fixed value, so that it does not enter the graph's key
 
 
-def backward_reduce(z, grad_z, weight, bias, eps, activation):
-    return _run(eager.backward_reduce, z, grad_z, weight, bias, eps, activation)
+def forward_train_(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0, shortcut=None):
+    momentum = _momentum(running_mean, running_var, momentum)
+    return _run(eager.forward_train_, x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
 
 
-def backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation):
-    return _run(eager.backward_apply, z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
+def forward_train(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0, shortcut=None):
+    momentum = _momentum(running_mean, running_var, momentum)
+    return _run(eager.forward_train, x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
 
 
-def backward(z, grad_z, var, weight, bias, eps, activation, training):
-    return _run(eager.backward, z, grad_z, var, weight, bias, eps, activation, training)
+def backward_reduce(z, grad_z, weight, bias, eps, activation, shortcut=None, bits=None):
+    return _run(eager.backward_reduce, z, grad_z, weight, bias, eps, activation, shortcut, bits)
+
+
+def backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation, shortcut=None, bits=None):
+    return _run(eager.backward_apply, z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation,
+                shortcut, bits)
+
+
+def backward(z, grad_z, var, weight, bias, eps, activation, training, shortcut=None, bits=None):
+    return _run(eager.backward, z, grad_z, var, weight, bias, eps, activation, training, shortcut, bits)
+
+
+def recompute_backward_reduce(x, grad_z, mean, var, weight, bias, eps, activation, shortcut=None):
+    return _run(eager.recompute_backward_reduce, x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+
+
+def recompute_backward_apply(x, grad_z, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation,
+                             shortcut=None):
+    return _run(eager.recompute_backward_apply, x, grad_z, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps,
+                activation, shortcut)
+
+
+def recompute_backward(x, grad_z, mean, var, weight, bias, eps, activation, training, shortcut=None):
+    return _run(eager.recompute_backward, x, grad_z, mean, var, weight, bias, eps, activation, training, shortcut)

@@ -1,11 +1,19 @@
 """The layer's math in plain PyTorch ops: the eager backend, and the source the compiled backend compiles.
 
 Every function works per channel (dim 1) on inputs of rank 2 to 5, in any layout, and computes in
-float32 (float64 for float64 inputs) whatever the storage dtype. Names follow METHOD.md: ``y`` is the
-affine output, ``z = act(y)`` the layer output, ``xhat`` the normalized input.
+float32 (float64 for float64 inputs) whatever the storage dtype. Names follow METHOD.md: ``x`` is the
+normalization's input, ``xhat`` the normalized input, ``y = gamma * xhat + b`` the affine output,
+``u = y + shortcut`` (``y`` without a shortcut) the activation's input and ``z = act(u)`` the output.
 
-Transient memory: these ops materialise float32 temporaries of the full size (``x - mean``, ``y``,
-``dy``); the compiled and Triton backends fuse them away and allocate nothing full-size but ``dx``.
+Two ways to keep what backward needs, each a family of functions here:
+
+* in place (``forward_train_``, ``backward``...): ``z`` is written over ``x`` and backward rebuilds
+  ``u`` from ``z`` by inverting the activation (with the one-bit branch mask of a piecewise one);
+* recompute (``forward_train``, ``recompute_backward``...): ``x`` is kept and backward rebuilds ``u``
+  from it, for any activation.
+
+Transient memory: these ops materialise float32 temporaries of the full size; the compiled and Triton
+backends fuse them away and allocate nothing full-size but what they return.
 """
 
 from __future__ import annotations
@@ -55,25 +63,49 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def normalize_activate(x, mean, var, weight, bias, eps: float, activation: Activation) -> Tensor:
-    """``act(gamma * (x - mean) / sqrt(var + eps) + b)`` in the dtype of ``x``."""
+def _activation_input(x, mean, var, weight, bias, eps: float, shortcut) -> Tensor:
+    """``u = gamma * (x - mean) / sqrt(var + eps) + b (+ shortcut)``, in the compute dtype."""
     gamma, beta = _scale_and_bias(weight, bias, x, eps)
     scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
     shift = beta - mean.to(gamma.dtype) * scale
-    y = x.to(gamma.dtype) * _per_channel(scale, x) + _per_channel(shift, x)
-    return activation.forward(y).to(x.dtype)
+    u = x.to(gamma.dtype) * _per_channel(scale, x) + _per_channel(shift, x)
+    return u if shortcut is None else u + shortcut.to(gamma.dtype)
 
 
-def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Activation) -> None:
-    """:func:`normalize_activate` written over ``x``."""
-    x.copy_(normalize_activate(x, mean, var, weight, bias, eps, activation))
+def normalize_activate(x, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None) -> Tensor:
+    """``z = act(gamma * (x - mean) / sqrt(var + eps) + b (+ shortcut))`` in the dtype of ``x``."""
+    return activation.forward(_activation_input(x, mean, var, weight, bias, eps, shortcut)).to(x.dtype)
+
+
+def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None):
+    """:func:`normalize_activate` written over ``x``. A piecewise activation also returns the packed
+    branch bits of its input (``None`` otherwise)."""
+    u = _activation_input(x, mean, var, weight, bias, eps, shortcut)
+    x.copy_(activation.forward(u).to(x.dtype))
+    if activation.kind == "piecewise":
+        return pack_bits(activation.branch(u))
+    return None
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor as ``uint8``, 8 elements per byte, in its logical (row-major) order."""
+    from .. import piecewise
+
+    return piecewise.pack_bits(mask)
+
+
+def unpack_bits(packed: Tensor, shape) -> Tensor:
+    from .. import piecewise
+
+    return piecewise.unpack_bits(packed, shape)
 
 
 def update_running_stats_(running_mean, running_var, mean, var, count, momentum) -> None:
-    """BatchNorm's update ``running += momentum * (batch - running)``, with the unbiased batch variance.
+    """BatchNorm's update ``running = (1 - momentum) * running + momentum * batch``, with the unbiased
+    batch variance.
 
     ``count``: elements per channel the statistics came from (an int, or a 0-dim tensor when
-    synchronized); ``momentum``: a float or a 0-dim tensor.
+    synchronized); ``momentum``: a float or a one-element tensor.
     """
     if isinstance(count, Tensor):
         unbiased_var = var * (count / (count - 1).clamp_min(1))
@@ -86,54 +118,140 @@ def update_running_stats_(running_mean, running_var, mean, var, count, momentum)
     running_var.mul_(keep).add_(unbiased_var.to(running_var.dtype) * momentum)
 
 
-def forward_train_(
-    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0
-) -> tuple[Tensor, Tensor]:
-    """Batch statistics, then normalize + activate in place; returns (mean, biased var). Given
-    running statistics, also updates them (:func:`update_running_stats_`)."""
+def _batch_stats_updating(x, running_mean, running_var, momentum) -> tuple[Tensor, Tensor]:
     mean, var = batch_stats(x)
     if running_mean is not None and running_var is not None:
         update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    normalize_activate_(x, mean, var, weight, bias, eps, activation)
     return mean, var
 
 
-def _grad_and_y(z, grad_z, activation: Activation, dtype: torch.dtype):
-    """Invert the activation: ``dL/dy`` and ``y = gamma * xhat + b`` from the output alone."""
-    zc = z.to(dtype)
-    return activation.grad_input(zc, grad_z.to(dtype)), activation.inverse(zc)
+def forward_train_(
+    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0,
+    shortcut=None,
+):
+    """Batch statistics, then normalize + activate in place; returns ``(mean, biased var)``, and the
+    branch bits for a piecewise activation. Given running statistics, also updates them
+    (:func:`update_running_stats_`)."""
+    mean, var = _batch_stats_updating(x, running_mean, running_var, momentum)
+    bits = normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut)
+    return (mean, var) if bits is None else (mean, var, bits)
 
 
-def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
-    """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``: the two reductions of the backward pass.
+def forward_train(
+    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0,
+    shortcut=None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`forward_train_` out of place, for the recompute mode: returns ``(z, mean, biased var)``."""
+    mean, var = _batch_stats_updating(x, running_mean, running_var, momentum)
+    return normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut), mean, var
 
-    ``xhat = (y - b) / gamma``; the division by ``gamma`` is taken out of the sum, once per channel.
-    """
+
+# --- backward ------------------------------------------------------------------------------------
+#
+# Both modes reduce to the same per-element pair: ``du = dL/du`` and a centered tensor ``t`` with
+# ``xhat = t * a`` for a per-channel ``a``: ``t = y - b`` and ``a = 1 / gamma`` in place (``y`` rebuilt
+# from ``z``), ``t = x - mean`` and ``a = invstd`` in the recompute mode. Then
+#     sum_dy = sum(du),  sum_dy_xhat = a * sum(du * t)
+#     dx = scale * (du - sum_dy / m - xhat * sum_dy_xhat / m) = scale * du - (scale * a * sum_dy_xhat / m) * t - scale * sum_dy / m
+# with ``scale = gamma * invstd``: two multiply-adds per element. The shortcut's gradient is ``du``.
+
+
+def _from_output(z, grad_z, weight, bias, eps: float, activation: Activation, shortcut, bits):
+    """In place: ``(du, t = y - b, a = 1 / gamma, gamma)`` rebuilt from the output ``z``."""
     gamma, beta = _scale_and_bias(weight, bias, z, eps)
-    dy, y = _grad_and_y(z, grad_z, activation, gamma.dtype)
-    dims = _reduce_dims(z)
-    return dy.sum(dims), (dy * (y - _per_channel(beta, z))).sum(dims) / gamma
+    zc, grad = z.to(gamma.dtype), grad_z.to(gamma.dtype)
+    if activation.kind == "piecewise":
+        u = activation.inverse(zc, unpack_bits(bits, z.shape))
+        du = activation.grad_from_input(u, grad)
+    else:
+        u = activation.inverse(zc)
+        du = activation.grad_input(zc, grad)
+    y = u if shortcut is None else u - shortcut.to(gamma.dtype)
+    return du, y - _per_channel(beta, z), 1.0 / gamma, gamma
+
+
+def _from_input(x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, shortcut):
+    """Recompute mode: ``(du, t = x - mean, a = invstd, gamma)`` rebuilt from the input ``x``."""
+    gamma, beta = _scale_and_bias(weight, bias, x, eps)
+    invstd = torch.rsqrt(var.to(gamma.dtype) + eps)
+    u = _activation_input(x, mean, var, weight, bias, eps, shortcut)
+    du = activation.grad_from_input(u, grad_z.to(gamma.dtype))
+    return du, x.to(gamma.dtype) - _per_channel(mean.to(gamma.dtype), x), invstd, gamma
+
+
+def _reduce(du, t, a) -> tuple[Tensor, Tensor]:
+    dims = _reduce_dims(du)
+    return du.sum(dims), (du * t).sum(dims) * a
+
+
+def _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps: float, like: Tensor, shortcut):
+    """``dx`` (and the shortcut's gradient ``du``, given a shortcut) from the elementwise pair and the sums;
+    ``count`` None: eval mode, where the statistics are constants."""
+    scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
+    if count is None:
+        dx = du * _per_channel(scale, like)
+    else:
+        t_coef = scale * a * (sum_dy_xhat.to(gamma.dtype) / count)
+        offset = scale * (sum_dy.to(gamma.dtype) / count)
+        dx = _per_channel(scale, like) * du - _per_channel(t_coef, like) * t - _per_channel(offset, like)
+    if shortcut is None:
+        return dx.to(like.dtype)
+    return dx.to(like.dtype), du.to(shortcut.dtype)
+
+
+def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation, shortcut=None, bits=None):
+    """In place: per-channel ``sum(dy)`` and ``sum(dy * xhat)``, the two reductions of the backward pass."""
+    du, t, a, _ = _from_output(z, grad_z, weight, bias, eps, activation, shortcut, bits)
+    return _reduce(du, t, a)
 
 
 def backward_apply(
-    z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float, activation: Activation
-) -> Tensor:
-    """``dx`` from the two sums. ``count`` is the number of elements per channel the statistics came
-    from (global, when synchronized); ``None`` means eval mode, where statistics are constants.
+    z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float, activation: Activation,
+    shortcut=None, bits=None,
+):
+    """In place: ``dx`` from the two sums (and the shortcut's gradient, given a shortcut). ``count`` is
+    the number of elements per channel the statistics came from (global, when synchronized); ``None``
+    means eval mode."""
+    du, t, a, gamma = _from_output(z, grad_z, weight, bias, eps, activation, shortcut, bits)
+    return _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps, z, shortcut)
 
-    ``dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat))`` with ``xhat = (y - b) / gamma`` is
-    ``scale * dy - y_coef * y + offset`` with per-channel coefficients: two multiply-adds per element.
-    """
-    gamma, beta = _scale_and_bias(weight, bias, z, eps)
-    dy, y = _grad_and_y(z, grad_z, activation, gamma.dtype)
-    scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
-    if count is None:
-        return (dy * _per_channel(scale, z)).to(z.dtype)
-    mean_dy = sum_dy.to(gamma.dtype) / count
-    y_coef = scale * (sum_dy_xhat.to(gamma.dtype) / count) / gamma
-    offset = y_coef * beta - scale * mean_dy
-    dx = _per_channel(scale, z) * dy - _per_channel(y_coef, z) * y + _per_channel(offset, z)
-    return dx.to(z.dtype)
+
+def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool, shortcut=None, bits=None):
+    """In place, the whole backward on one process: ``(dx, grad_weight, grad_bias)`` (:func:`param_grads`),
+    and the shortcut's gradient last, given a shortcut."""
+    du, t, a, gamma = _from_output(z, grad_z, weight, bias, eps, activation, shortcut, bits)
+    sum_dy, sum_dy_xhat = _reduce(du, t, a)
+    count = z.numel() // z.shape[1] if training else None
+    dx = _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps, z, shortcut)
+    grads = param_grads(sum_dy, sum_dy_xhat, weight, bias)
+    return (dx, *grads) if shortcut is None else (dx[0], *grads, dx[1])
+
+
+def recompute_backward_reduce(x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None):
+    """Recompute mode: :func:`backward_reduce` from the input ``x``."""
+    du, t, a, _ = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+    return _reduce(du, t, a)
+
+
+def recompute_backward_apply(
+    x, grad_z, mean, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float,
+    activation: Activation, shortcut=None,
+):
+    """Recompute mode: :func:`backward_apply` from the input ``x``."""
+    du, t, a, gamma = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+    return _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps, x, shortcut)
+
+
+def recompute_backward(
+    x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, training: bool, shortcut=None
+):
+    """Recompute mode: :func:`backward` from the input ``x``."""
+    du, t, a, gamma = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+    sum_dy, sum_dy_xhat = _reduce(du, t, a)
+    count = x.numel() // x.shape[1] if training else None
+    dx = _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps, x, shortcut)
+    grads = param_grads(sum_dy, sum_dy_xhat, weight, bias)
+    return (dx, *grads) if shortcut is None else (dx[0], *grads, dx[1])
 
 
 def times_sign(value: Tensor, weight: Tensor) -> Tensor:
@@ -150,11 +268,3 @@ def param_grads(sum_dy, sum_dy_xhat, weight, bias) -> tuple[Tensor, Tensor]:
         grad_weight = times_sign(sum_dy_xhat, weight).to(weight.dtype)
     grad_bias = sum_dy if bias is None else sum_dy.to(bias.dtype)
     return grad_weight, grad_bias
-
-
-def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool):
-    """The whole backward on one process: returns ``(dx, grad_weight, grad_bias)`` (:func:`param_grads`)."""
-    sum_dy, sum_dy_xhat = backward_reduce(z, grad_z, weight, bias, eps, activation)
-    count = z.numel() // z.shape[1] if training else None
-    dx = backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
-    return (dx, *param_grads(sum_dy, sum_dy_xhat, weight, bias))

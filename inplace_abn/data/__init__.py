@@ -1,6 +1,7 @@
-"""Datasets and augmentation: Cityscapes, Mapillary Vistas, ImageFolder classification, and a built-in
-synthetic street-scene dataset in the Cityscapes label space (no download). Needs numpy and pillow;
-the core library never imports it.
+"""Datasets and augmentation: Cityscapes (fine, coarse), Mapillary Vistas, KITTI semantics, ImageFolder
+classification, and a built-in synthetic street-scene dataset in the Cityscapes label space (no
+download); a whole-tree check before long runs. Needs numpy and pillow; the core library never
+imports it.
 
 Names load on first use, so ``import inplace_abn.data`` (and the label table) stays cheap.
 """
@@ -8,7 +9,7 @@ Names load on first use, so ``import inplace_abn.data`` (and the label table) st
 import importlib
 
 _EXPORTS = {
-    "DataError": "io",
+    "DataError": "errors",
     "CityscapesDataset": "cityscapes",
     "find_cityscapes_files": "cityscapes",
     "label_ids_to_train_ids": "cityscapes",
@@ -16,11 +17,14 @@ _EXPORTS = {
     "colorize_train_ids": "cityscapes",
     "VistasDataset": "vistas",
     "load_vistas_config": "vistas",
+    "KittiDataset": "kitti",
+    "kitti_instances_to_cityscapes": "kitti",
     "ImageFolderDataset": "imagefolder",
     "SegmentationDataset": "base",
     "SyntheticCityscapes": "synthetic",
     "render_scene": "synthetic",
     "write_synthetic_cityscapes": "synthetic",
+    "write_synthetic_kitti": "synthetic",
     "ColorJitter": "transforms",
     "SegmentationTrainTransform": "transforms",
     "SegmentationEvalTransform": "transforms",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
       the original resolution, for the Cityscapes evaluation (datasets that have them).
 
     ``transform(image uint8 (H, W, 3), label (H, W)) -> (image tensor, label tensor)``; the default only
-    normalises. Subclasses implement :meth:`__len__`, :meth:`name` and :meth:`load`.
+    normalises. Subclasses implement :meth:`__len__`, :meth:`name`, and :meth:`load_image` with
+    :meth:`load_labels` (or :meth:`load`).
     """
 
     #: class names in train id order
@@ -42,6 +43,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, np.ndarray]]:
         """``(image uint8 (H, W, 3), train-id label (H, W) or None, extra maps)`` of one sample."""
+        image = self.load_image(index)
+        label, extra = self.load_labels(index, image.shape[:2])
+        return image, label, extra
+
+    # Datasets read from files implement these two (a generated one may override load instead), so that
+    # a check can read a sample's labels even when its image is broken.
+    def load_image(self, index: int) -> np.ndarray:
+        """The image of one sample, ``uint8 (H, W, 3)``."""
+        raise NotImplementedError
+
+    def load_labels(
+        self, index: int, image_size: Optional[Tuple[int, int]]
+    ) -> Tuple[Optional[np.ndarray], Dict[str, np.ndarray]]:
+        """``(train-id label (H, W) or None, extra maps)``, each checked to be ``image_size`` (``None``:
+        unknown, not checked)."""
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
@@ -57,3 +73,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             for key, value in extra.items():
                 sample[key] = torch.from_numpy(np.ascontiguousarray(value).astype(np.int64))
         return sample
+
+    def orphan_labels(self) -> List[Tuple[str, str]]:
+        """``(label file, its missing image)`` for every label file that no image of the dataset has."""
+        return []

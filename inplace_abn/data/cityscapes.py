@@ -1,19 +1,22 @@
 """The Cityscapes dataset as distributed: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
-``gtFine/<split>/<city>/*_gtFine_labelIds.png`` and ``*_gtFine_instanceIds.png`` (or ``gtCoarse``)."""
+``gtFine/<split>/<city>/*_gtFine_labelIds.png`` and ``*_gtFine_instanceIds.png`` (or ``gtCoarse``);
+several splits read as one (``"train+train_extra"``: fine + coarse training)."""
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from .base import SegmentationDataset
-from .io import DataError, check_label_ids, read_label_map, read_rgb
+from .io import DataError, check_label_ids, check_same_size, read_label_map, read_rgb
 from .labels import LABEL_ID_TO_TRAIN_ID, NUM_LABEL_IDS, TRAIN_CLASS_NAMES, IGNORE_INDEX
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
-_ANNOTATION_FOLDERS = {"fine": "gtFine", "coarse": "gtCoarse"}
+ANNOTATION_FOLDERS = {"fine": "gtFine", "coarse": "gtCoarse"}
+#: splits that only coarse annotations cover: ``annotation="auto"`` reads gtCoarse there, gtFine elsewhere
+COARSE_ONLY_SPLITS = ("train_extra",)
 
 _LABEL_ID_TO_TRAIN_ID = np.asarray(LABEL_ID_TO_TRAIN_ID, dtype=np.uint8)
 
@@ -21,8 +24,9 @@ _LABEL_ID_TO_TRAIN_ID = np.asarray(LABEL_ID_TO_TRAIN_ID, dtype=np.uint8)
 class CityscapesFiles(NamedTuple):
     name: str  # <city>_<seq>_<frame>
     image: str
-    label_ids: Optional[str]
-    instance_ids: Optional[str]
+    label_ids: Optional[str]  # where the label map belongs (it may be missing: see require_labels)
+    instance_ids: Optional[str]  # where the instance map belongs
+    annotation: Optional[str]  # "fine", "coarse" or None (images only)
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray, path: str = "label map") -> np.ndarray:
@@ -51,56 +55,132 @@ def colorize_train_ids(train_ids: np.ndarray) -> np.ndarray:
     return palette[np.clip(np.asarray(train_ids), 0, 255).astype(np.intp)]
 
 
-def find_cityscapes_files(
-    root: str, split: str = "train", annotation: Optional[str] = "fine"
-) -> List[CityscapesFiles]:
-    """The samples of one split, checked: every image has its label files (``annotation=None``:
-    images only, e.g. for the test split)."""
+def split_names(split: str) -> List[str]:
+    """``"train+train_extra"`` -> ``["train", "train_extra"]``."""
+    names = split.split("+")
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"split must be a split name or several joined by '+' (e.g. train+train_extra), got {split!r}")
+    return names
+
+
+def annotation_of(split: str, annotation: Optional[str]) -> Optional[str]:
+    """The annotation one split is read with: ``"auto"`` is coarse for train_extra, fine elsewhere."""
+    if annotation == "auto":
+        return "coarse" if split in COARSE_ONLY_SPLITS else "fine"
+    if annotation is not None and annotation not in ANNOTATION_FOLDERS:
+        raise ValueError(f"annotation must be 'auto', 'fine', 'coarse' or None, got {annotation!r}")
+    return annotation
+
+
+def _layout(root: str, split: str) -> str:
+    return f"{root}/leftImg8bit/{split}/<city>/<city>_<seq>_<frame>{IMAGE_SUFFIX}"
+
+
+def _split_folder(root: str, split: str) -> str:
     if not os.path.isdir(root):
-        raise DataError(f"Cityscapes root {root!r} does not exist or is not a folder")
+        raise DataError(f"Cityscapes root {root!r} does not exist or is not a folder", root)
     image_root = os.path.join(root, "leftImg8bit")
-    layout = f"{root}/leftImg8bit/{split}/<city>/<city>_<seq>_<frame>{IMAGE_SUFFIX}"
     if not os.path.isdir(image_root):
-        raise DataError(f"no 'leftImg8bit' folder in {root!r}: expected the Cityscapes layout {layout}")
+        raise DataError(
+            f"no 'leftImg8bit' folder in {root!r}: expected the Cityscapes layout {_layout(root, split)}", image_root
+        )
     split_root = os.path.join(image_root, split)
     if not os.path.isdir(split_root):
         present = sorted(d for d in os.listdir(image_root) if os.path.isdir(os.path.join(image_root, d)))
-        raise DataError(f"split {split!r} not found: expected {layout} (splits present: {present or 'none'})")
+        raise DataError(
+            f"split {split!r} not found: expected {_layout(root, split)} (splits present: {present or 'none'})",
+            split_root,
+        )
+    return split_root
 
-    if annotation is not None and annotation not in _ANNOTATION_FOLDERS:
-        raise ValueError(f"annotation must be one of {sorted(_ANNOTATION_FOLDERS)} or None, got {annotation!r}")
-    gt_folder = _ANNOTATION_FOLDERS.get(annotation, "")
 
+def _label_folder(root: str, split: str, annotation: str) -> str:
+    folder = os.path.join(root, ANNOTATION_FOLDERS[annotation], split)
+    if not os.path.isdir(folder):
+        hint = ""
+        if annotation == "fine" and split in COARSE_ONLY_SPLITS:
+            hint = f" ({split} has coarse annotations only: use annotation 'coarse' or 'auto')"
+        raise DataError(f"no ground-truth folder {folder} for the {split!r} images{hint}", folder)
+    return folder
+
+
+def _cities(folder: str) -> List[str]:
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
+def find_cityscapes_files(
+    root: str, split: str = "train", annotation: Optional[str] = "auto", require_labels: bool = True
+) -> List[CityscapesFiles]:
+    """The samples of ``split`` (several joined by ``+``). ``annotation``: ``"auto"`` (gtFine, gtCoarse
+    for train_extra), ``"fine"``, ``"coarse"`` or ``None`` (images only, e.g. the test split).
+    ``require_labels``: every image must have its label map (otherwise missing ones are left for
+    :meth:`CityscapesDataset.load` to report, sample by sample)."""
     files = []
-    for city in sorted(os.listdir(split_root)):
+    for name in split_names(split):
+        files += _find_split(root, name, annotation_of(name, annotation))
+    if require_labels:
+        missing = [f for f in files if f.label_ids is not None and not os.path.isfile(f.label_ids)]
+        if missing:
+            more = ""
+            if len(missing) > 1:
+                more = f" ({len(missing) - 1} more images lack theirs: inplace-abn check-data lists them all)"
+            raise DataError(
+                f"no ground truth for {missing[0].image}: expected {missing[0].label_ids}{more}",
+                missing[0].label_ids,
+                "missing",
+            )
+    return files
+
+
+def _find_split(root: str, split: str, annotation: Optional[str]) -> List[CityscapesFiles]:
+    split_root = _split_folder(root, split)
+    label_root = None if annotation is None else _label_folder(root, split, annotation)
+    files = []
+    for city in _cities(split_root):
         city_dir = os.path.join(split_root, city)
-        if not os.path.isdir(city_dir):
-            continue
         for filename in sorted(os.listdir(city_dir)):
             if not filename.endswith(IMAGE_SUFFIX):
                 continue
             name = filename[: -len(IMAGE_SUFFIX)]
             label_path = instance_path = None
-            if annotation is not None:
-                stem = os.path.join(root, gt_folder, split, city, f"{name}_{gt_folder}")
+            if label_root is not None:
+                stem = os.path.join(label_root, city, f"{name}_{ANNOTATION_FOLDERS[annotation]}")
                 label_path, instance_path = stem + "_labelIds.png", stem + "_instanceIds.png"
-                if not os.path.isfile(label_path):
-                    raise DataError(
-                        f"no ground truth for {os.path.join(city_dir, filename)}: expected {label_path}"
-                    )
-                if not os.path.isfile(instance_path):
-                    instance_path = None
-            files.append(CityscapesFiles(name, os.path.join(city_dir, filename), label_path, instance_path))
+            files.append(CityscapesFiles(name, os.path.join(city_dir, filename), label_path, instance_path, annotation))
     if not files:
-        raise DataError(f"no images found: expected {layout}")
+        raise DataError(f"no images found: expected {_layout(root, split)}", split_root)
     return files
+
+
+def find_orphan_labels(root: str, split: str = "train", annotation: Optional[str] = "auto") -> List[Tuple[str, str]]:
+    """``(label map, its missing image)`` for every label map of ``split`` that has no image."""
+    orphans = []
+    for name in split_names(split):
+        chosen = annotation_of(name, annotation)
+        if chosen is None:
+            continue
+        label_root, suffix = _label_folder(root, name, chosen), f"_{ANNOTATION_FOLDERS[chosen]}_labelIds.png"
+        for city in _cities(label_root):
+            for filename in sorted(os.listdir(os.path.join(label_root, city))):
+                if filename.endswith(suffix):
+                    image = os.path.join(root, "leftImg8bit", name, city, filename[: -len(suffix)] + IMAGE_SUFFIX)
+                    if not os.path.isfile(image):
+                        orphans.append((os.path.join(label_root, city, filename), image))
+    return orphans
 
 
 class CityscapesDataset(SegmentationDataset):
     """Cityscapes images with train-id labels (19 classes, ignore 255).
 
-    ``annotation``: ``"fine"`` (gtFine), ``"coarse"`` (gtCoarse: splits train, train_extra, val) or
-    ``None`` (images only). ``eval_maps=True`` adds ``label_ids`` and ``instance_ids`` at full resolution.
+    ``split``: a split folder (``train``, ``val``, ``test``, ``train_extra``) or several joined by
+    ``+``; ``"train+train_extra"`` is fine + coarse training (fine labels for train, coarse for
+    train_extra). ``annotation``: ``"auto"`` (gtFine, and gtCoarse for train_extra, the split only
+    coarse annotations cover), ``"fine"``, ``"coarse"`` (gtCoarse: train, train_extra, val) or ``None``
+    (images only). Coarse labels leave much of each image ``unlabeled`` (id 0): those pixels, like every
+    id without a train id, become ``ignore_index`` and take no part in the loss.
+    ``eval_maps=True`` adds ``label_ids`` and ``instance_ids`` at full resolution. ``require_labels``:
+    check up front that every label file exists (``False``: each missing one raises when its sample
+    loads, which ``inplace-abn check-data`` uses to list them all).
     """
 
     class_names = TRAIN_CLASS_NAMES
@@ -110,20 +190,20 @@ class CityscapesDataset(SegmentationDataset):
         self,
         root: str,
         split: str = "train",
-        annotation: Optional[str] = "fine",
+        annotation: Optional[str] = "auto",
         transform: Optional[Callable] = None,
         eval_maps: bool = False,
+        require_labels: bool = True,
     ):
         super().__init__(transform, eval_maps)
         self.root, self.split, self.annotation = root, split, annotation
-        self.files = find_cityscapes_files(root, split, annotation)
-        if eval_maps and annotation is not None:
-            missing = [f.label_ids for f in self.files if f.instance_ids is None]
+        self.files = find_cityscapes_files(root, split, annotation, require_labels)
+        if eval_maps and require_labels:
+            annotated = [f.instance_ids for f in self.files if f.instance_ids is not None]
+            missing = [path for path in annotated if not os.path.isfile(path)]
             if missing:
-                raise DataError(
-                    f"eval_maps needs the instance maps: {len(missing)} missing, e.g. "
-                    f"{missing[0].replace('_labelIds.png', '_instanceIds.png')}"
-                )
+                raise DataError(f"eval_maps needs the instance maps: {len(missing)} missing, e.g. {missing[0]}",
+                                missing[0], "missing")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.files)
@@ -131,22 +211,27 @@ class CityscapesDataset(SegmentationDataset):
     def name(self, index: int) -> str:
         return self.files[index].name
 
-    def load(self, index: int) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, np.ndarray]]:
+    def orphan_labels(self) -> List[Tuple[str, str]]:
+        return find_orphan_labels(self.root, self.split, self.annotation)
+
+    def load_image(self, index: int) -> np.ndarray:
+        return read_rgb(self.files[index].image)
+
+    def load_labels(self, index: int, image_size: Optional[Tuple[int, int]]):
         files = self.files[index]
-        image = read_rgb(files.image)
         if files.label_ids is None:
-            return image, None, {}
+            return None, {}
+        if not os.path.isfile(files.label_ids):
+            raise DataError(f"no ground truth for {files.image}: expected {files.label_ids}",
+                            files.label_ids, "missing")  # fmt: skip
         label_ids = read_label_map(files.label_ids)
-        if label_ids.shape != image.shape[:2]:
-            raise DataError(
-                f"{files.label_ids} is {label_ids.shape[1]}x{label_ids.shape[0]} but its image "
-                f"{files.image} is {image.shape[1]}x{image.shape[0]}"
-            )
+        check_same_size(label_ids, files.label_ids, image_size, files.image)
         train_ids = label_ids_to_train_ids(label_ids, files.label_ids)
-        extra = {}
-        if self.eval_maps:
-            instance_ids = read_label_map(files.instance_ids)
-            if instance_ids.shape != label_ids.shape:
-                raise DataError(f"{files.instance_ids} and {files.label_ids} differ in size")
-            extra = {"label_ids": label_ids, "instance_ids": instance_ids}
-        return image, train_ids, extra
+        if not self.eval_maps:
+            return train_ids, {}
+        if not os.path.isfile(files.instance_ids):
+            raise DataError(f"no instance map for {files.label_ids}: expected {files.instance_ids}",
+                            files.instance_ids, "missing")  # fmt: skip
+        instance_ids = read_label_map(files.instance_ids)
+        check_same_size(instance_ids, files.instance_ids, image_size, files.image)
+        return train_ids, {"label_ids": label_ids, "instance_ids": instance_ids}

@@ -7,25 +7,27 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Missing or malformed data: the message names the file or folder and says what was expected."""
-
+from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def open_image(path: str):
     """A PIL image, fully decoded; a missing or unreadable file raises :class:`DataError` naming it."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not os.path.isfile(path):
-        raise DataError(f"file not found: {path}")
+        raise DataError(f"file not found: {path}", path, "missing")
     try:
         image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image file {path}: {error}") from error
+        image.load()  # decodes every pixel: a truncated or corrupt file fails here, not later
+    except MemoryError:
+        raise
+    except Exception as error:  # PIL reports damage as OSError, SyntaxError, zlib or struct errors, ...
+        detail = str(error) or type(error).__name__
+        raise DataError(
+            f"cannot read image file {path}: {detail} (re-extract or download it again)", path, "unreadable"
+        ) from error
     return image
 
 
@@ -47,10 +49,12 @@ def read_label_map(path: str) -> np.ndarray:
     if array.ndim != 2:
         raise DataError(
             f"{path}: expected a single-channel label map (one id per pixel), "
-            f"got an image of mode {image.mode} with shape {array.shape}"
+            f"got an image of mode {image.mode} with shape {array.shape}",
+            path,
+            "format",
         )
     if array.dtype.kind not in "iub":
-        raise DataError(f"{path}: label map holds {array.dtype} values, expected integers")
+        raise DataError(f"{path}: label map holds {array.dtype} values, expected integers", path, "format")
     return array
 
 
@@ -65,7 +69,19 @@ def check_label_ids(array: np.ndarray, valid: int, path: str, allowed_extra: Ite
     bad = [int(v) for v in values if not (0 <= v < valid) and int(v) not in set(allowed_extra)]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise DataError(f"{path}: label ids out of range (valid: 0..{valid - 1}): found {shown}")
+        raise DataError(f"{path}: label ids out of range (valid: 0..{valid - 1}): found {shown}", path, "label ids")
+
+
+def check_same_size(label: np.ndarray, label_path: str, image_size: Optional[tuple], image_path: str) -> None:
+    """Raise unless a label map covers its image, of ``(height, width)`` ``image_size``, pixel for pixel
+    (``None``: the image's size is unknown, nothing to check)."""
+    if image_size is not None and tuple(label.shape[:2]) != tuple(image_size[:2]):
+        raise DataError(
+            f"{label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
+            f"{image_size[1]}x{image_size[0]}",
+            label_path,
+            "size",
+        )
 
 
 def write_label_png(path: str, array: np.ndarray, palette: Optional[list] = None, bits: Optional[int] = None) -> None:

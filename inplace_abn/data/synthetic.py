@@ -666,6 +666,30 @@ def synthetic_name(split: str, index: int) -> str:
     return f"{city}_{index // 1000:06d}_{index % 1000:06d}"
 
 
+def coarsen_labels(label_ids: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Label ids as a coarse annotation draws them: pixels within ``margin`` of a class boundary become
+    ``unlabeled`` (0), as the polygons of Cityscapes' gtCoarse leave the outlines of objects void."""
+    padded = np.pad(label_ids, margin, mode="edge")
+    height, width = label_ids.shape
+    near_boundary = np.zeros(label_ids.shape, dtype=bool)
+    for dy in range(2 * margin + 1):
+        for dx in range(2 * margin + 1):
+            near_boundary |= padded[dy : dy + height, dx : dx + width] != label_ids
+    return np.where(near_boundary, 0, label_ids).astype(label_ids.dtype)
+
+
+def _jobs(splits: Dict[str, int], progress: bool, what: str) -> Sequence:
+    jobs = [(split, index) for split, count in splits.items() for index in range(count)]
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(jobs, desc=f"writing synthetic {what}", unit="img")
+        except ImportError:
+            pass
+    return jobs
+
+
 def write_synthetic_cityscapes(
     root: str,
     splits: Optional[Dict[str, int]] = None,
@@ -682,30 +706,63 @@ def write_synthetic_cityscapes(
         gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_{labelIds,instanceIds,color}.png
 
     ``splits`` maps split names to sample counts (default ``{"train": 20, "val": 10}``); the images
-    are those of ``SyntheticCityscapes(split=..., seed=...)``. Returns the sample names per split.
+    are those of ``SyntheticCityscapes(split=..., seed=...)``. A ``train_extra`` split is annotated as
+    in Cityscapes, coarsely in ``gtCoarse`` (:func:`coarsen_labels`). Returns the sample names per split.
     """
+    from .cityscapes import COARSE_ONLY_SPLITS
     from .io import write_label_png, write_rgb
 
     splits = {"train": 20, "val": 10} if splits is None else dict(splits)
     palette = np.asarray(label_id_palette(), dtype=np.uint8).reshape(256, 3)
     written: Dict[str, List[str]] = {}
-    jobs = [(split, index) for split, count in splits.items() for index in range(count)]
-    iterator: Sequence = jobs
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            iterator = tqdm(jobs, desc="writing synthetic Cityscapes", unit="img")
-        except ImportError:
-            pass
-    for split, index in iterator:
+    for split, index in _jobs(splits, progress, "Cityscapes"):
         scene = render_scene(scene_rng(seed, split, index), height, width, density, noise)
         name = synthetic_name(split, index)
         city = name.split("_")[0]
         write_rgb(os.path.join(root, "leftImg8bit", split, city, f"{name}_leftImg8bit.png"), scene.image)
-        stem = os.path.join(root, "gtFine", split, city, f"{name}_gtFine_")
-        write_label_png(stem + "labelIds.png", scene.label_ids)
-        write_label_png(stem + "instanceIds.png", scene.instance_ids, bits=16)
-        write_rgb(stem + "color.png", palette[scene.label_ids])
+        label_ids, instance_ids, folder = scene.label_ids, scene.instance_ids, "gtFine"
+        if split in COARSE_ONLY_SPLITS:
+            label_ids, folder = coarsen_labels(label_ids), "gtCoarse"
+            instance_ids = np.where(label_ids == 0, 0, instance_ids)
+        stem = os.path.join(root, folder, split, city, f"{name}_{folder}_")
+        write_label_png(stem + "labelIds.png", label_ids)
+        write_label_png(stem + "instanceIds.png", instance_ids, bits=16)
+        write_rgb(stem + "color.png", palette[label_ids])
         written.setdefault(split, []).append(name)
+    return written
+
+
+def write_synthetic_kitti(
+    root: str,
+    train: int = 20,
+    test: int = 5,
+    height: int = 64,
+    width: int = 208,
+    seed: int = 0,
+    progress: bool = False,
+) -> Dict[str, List[str]]:
+    """Write synthetic scenes in the layout of KITTI's semantics benchmark under ``root``::
+
+        training/image_2/<name>.png, training/semantic/<name>.png (Cityscapes label ids),
+        training/semantic_rgb/<name>.png, training/instance/<name>.png (label id * 256 + instance),
+        testing/image_2/<name>.png
+
+    with names ``000000_10``, ``000001_10``, ... as KITTI's. Returns the names per folder.
+    """
+    from .io import write_label_png, write_rgb
+
+    palette = np.asarray(label_id_palette(), dtype=np.uint8).reshape(256, 3)
+    written: Dict[str, List[str]] = {}
+    for folder, index in _jobs({"training": train, "testing": test}, progress, "KITTI"):
+        scene = render_scene(scene_rng(seed, f"kitti_{folder}", index), height, width)
+        name = f"{index:06d}_10"
+        write_rgb(os.path.join(root, folder, "image_2", name + ".png"), scene.image)
+        if folder == "training":
+            ids = scene.instance_ids.astype(np.int64)
+            number = np.where(ids >= 1000, ids % 1000 + 1, 0)  # KITTI numbers instances from 1
+            kitti_instance = scene.label_ids.astype(np.int64) * 256 + number
+            write_label_png(os.path.join(root, folder, "semantic", name + ".png"), scene.label_ids)
+            write_rgb(os.path.join(root, folder, "semantic_rgb", name + ".png"), palette[scene.label_ids])
+            write_label_png(os.path.join(root, folder, "instance", name + ".png"), kitti_instance, bits=16)
+        written.setdefault(folder, []).append(name)
     return written

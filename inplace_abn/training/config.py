@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TASKS = ("segmentation", "classification")
-DATASETS = ("synthetic", "cityscapes", "vistas", "imagefolder")
+DATASETS = ("synthetic", "cityscapes", "vistas", "kitti", "imagefolder")
 NORMS = ("inplace_abn", "batchnorm", "abn")
 AMP_MODES = ("none", "bf16", "fp16")
 LR_SCHEDULES = ("poly", "step", "constant")

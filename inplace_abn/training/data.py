@@ -15,6 +15,7 @@ DEFAULT_SPLITS = {
     "synthetic": ("train", "val"),
     "cityscapes": ("train", "val"),
     "vistas": ("training", "validation"),
+    "kitti": ("train", "val"),  # val: every 5th training image (KITTI has no validation split)
     "imagefolder": ("train", "val"),
 }
 
@@ -99,8 +100,10 @@ def build_dataset(config: TrainConfig, split: str, train: bool, eval_maps: bool 
             num_samples = config.synthetic_samples if train else synthetic_val_samples(config)
         return data.SyntheticCityscapes(num_samples, height, width, seed=config.seed, split=split, transform=transform,
                                         eval_maps=eval_maps, cache=train)  # fmt: skip
-    if config.dataset == "cityscapes":
+    if config.dataset == "cityscapes":  # split "train+train_extra": fine + coarse
         return data.CityscapesDataset(config.root, split, transform=transform, eval_maps=eval_maps)
+    if config.dataset == "kitti":
+        return data.KittiDataset(config.root, split, transform=transform, eval_maps=eval_maps)
     if config.dataset == "vistas":
         return data.VistasDataset(config.root, split, transform=transform)
     return data.ImageFolderDataset(config.root, split, transform=transform)
