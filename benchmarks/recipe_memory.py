@@ -1,7 +1,8 @@
 """GPU memory per crop of the training recipes in configs/, estimated on a CPU: the bytes autograd keeps
-for backward (``inplace-abn bench``'s count, full width, float32) for one crop, with InPlace-ABN and with
-BatchNorm + activation, measured at the real crop where a CPU manages it and otherwise at two smaller
-crops and scaled linearly in the pixel count to the real one; plus weights, gradients and momentum.
+for backward (``inplace-abn bench``'s count, full width, float32) per crop of a batch of two (the
+image-level pooling of DeepLabV3 needs more than one), with InPlace-ABN and with BatchNorm +
+activation, measured at the real crop where a CPU manages it and otherwise at two smaller square crops
+and scaled linearly in the pixel count to the real one; plus weights, gradients and momentum.
 
     python benchmarks/recipe_memory.py configs/*/*.json            # print the estimates
     python benchmarks/recipe_memory.py --write configs/*/*.json    # and put them in the recipes' notes
@@ -26,13 +27,14 @@ NOTE_PREFIX = "GPU memory per crop"
 NUM_CLASSES = {"imagefolder": 1000, "vistas": 65, "cityscapes": 19, "kitti": 19, "synthetic": 19}
 
 
-def saved_bytes(config, num_classes: int, norm: str, crop: int) -> int:
+def saved_bytes(config, num_classes: int, norm: str, height: int, width: int) -> float:
+    """Bytes kept for backward per crop of ``height`` x ``width``, from a batch of two."""
     from inplace_abn.tools.bench import saved_tensor_bytes
     from inplace_abn.training.loop import build_model
 
     torch.manual_seed(0)
     model = build_model(type(config).from_dict(dict(config.to_dict(), norm=norm)), num_classes).train()
-    return saved_tensor_bytes(model, torch.randn(1, 3, crop, crop))
+    return saved_tensor_bytes(model, torch.randn(2, 3, height, width)) / 2
 
 
 def estimate(path: str, probes, direct_limit: int) -> dict:
@@ -40,20 +42,21 @@ def estimate(path: str, probes, direct_limit: int) -> dict:
 
     config = TrainConfig.from_json(path, {"root": "unused"})
     num_classes = NUM_CLASSES[config.dataset]
-    crop = config.crop_size[0]
-    if config.crop_size[0] != config.crop_size[1]:
-        raise ValueError(f"{path}: square crops only, got {config.crop_size}")
+    height, width = config.crop_size
+    if config.task == "classification":
+        height = width = height  # classification crops are squares of crop_size[0]
+    crop = f"{height}x{width}"
     result = {"recipe": path, "network": config.network, "crop": crop, "num_classes": num_classes}
     for norm in ("inplace_abn", "batchnorm"):
         start = time.perf_counter()
-        if crop <= direct_limit:
-            value, how = saved_bytes(config, num_classes, norm, crop), f"measured at {crop}x{crop}"
+        if max(height, width) <= direct_limit:
+            value, how = saved_bytes(config, num_classes, norm, height, width), f"measured at {crop}"
         else:
             small, large = probes
-            low, high = (saved_bytes(config, num_classes, norm, size) for size in (small, large))
+            low, high = (saved_bytes(config, num_classes, norm, size, size) for size in (small, large))
             slope = (high - low) / (large**2 - small**2)
-            value = low + slope * (crop**2 - small**2)
-            how = f"measured at {small}x{small} and {large}x{large}, scaled linearly in pixels to {crop}x{crop}"
+            value = low + slope * (height * width - small**2)
+            how = f"measured at {small}x{small} and {large}x{large}, scaled linearly in pixels to {crop}"
         result[norm] = value
         result["how"] = how
         print(f"  {os.path.basename(path)} {norm}: {value / GIB:.2f} GiB ({time.perf_counter() - start:.0f} s)",
@@ -73,12 +76,13 @@ def _size(value: float) -> str:
 def note(result: dict) -> str:
     crop = result["crop"]
     return (
-        f"{NOTE_PREFIX} (estimate): {_size(result['inplace_abn'])} kept for backward per {crop}x{crop} crop "
+        f"{NOTE_PREFIX} (estimate): {_size(result['inplace_abn'])} kept for backward per {crop} crop "
         f"with InPlace-ABN (BatchNorm + activation: {_size(result['batchnorm'])}), plus "
         f"{_size(result['resting_bytes'])} per GPU for weights, gradients and momentum "
         f"({result['parameters'] / 1e6:.1f} M parameters). How: bytes autograd saves (inplace-abn bench's count), "
         f"full width, float32, on a CPU, {result['how']} (benchmarks/recipe_memory.py); a GPU step also needs "
-        f"workspace: inplace-abn bench --network {result['network']} --crop {crop} measures it on a GPU."
+        f"workspace: inplace-abn bench --network {result['network']} --crop {max(map(int, crop.split('x')))} "
+        "measures it on a GPU."
     )
 
 

@@ -1,7 +1,7 @@
 """The recipes in configs/ run: each one trains on a tiny tree of its dataset's layout through
 ``inplace-abn train --config``, shrunk only by the command line (width, crop, steps, batch); the
 segmentation recipes chain as they would at full size: ImageNet WideResNet-38 -> Vistas -> Cityscapes
-fine + coarse, each starting from the previous one's checkpoint."""
+fine + coarse -> KITTI, each starting from the previous one's checkpoint."""
 
 import glob
 import json
@@ -15,7 +15,7 @@ pytest.importorskip("PIL")
 
 from fixture_trees import write_imagefolder_tree, write_vistas_tree  # noqa: E402
 from inplace_abn import cli  # noqa: E402
-from inplace_abn.data.synthetic import write_synthetic_cityscapes  # noqa: E402
+from inplace_abn.data.synthetic import write_synthetic_cityscapes, write_synthetic_kitti  # noqa: E402
 from inplace_abn.training import TrainConfig, load_checkpoint  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -35,6 +35,7 @@ def trees(tmp_path_factory):
     write_imagefolder_tree(str(root / "imagenet"))
     write_vistas_tree(str(root / "vistas"))
     write_synthetic_cityscapes(str(root / "cityscapes"), {"train": 2, "train_extra": 2, "val": 2}, height=32, width=64)
+    write_synthetic_kitti(str(root / "kitti"), train=6, test=1, height=32, width=96)  # val: images 0 and 5
     return root
 
 
@@ -45,7 +46,8 @@ def recipe(name):
 def test_the_recipes_are_there():
     names = {os.path.relpath(path, CONFIGS) for path in RECIPES}
     assert len(IMAGENET) == 9  # the original's scripts/experiments/*.json
-    assert {"vistas/wrn38a2_deeplabv3.json", "cityscapes/wrn38a2_deeplabv3_fine_coarse.json"} <= names
+    assert {"vistas/wrn38a2_deeplabv3.json", "cityscapes/wrn38a2_deeplabv3_fine_coarse.json",
+            "kitti/wrn38a2_deeplabv3_kitti.json"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: os.path.relpath(path, CONFIGS))
@@ -75,7 +77,7 @@ def test_each_imagenet_recipe_trains(path, trees, tmp_path):
     assert state["step"] == 1 and state["num_classes"] == 3
 
 
-def test_the_segmentation_recipes_chain_imagenet_vistas_cityscapes(trees, tmp_path, capsys):
+def test_the_segmentation_recipes_chain_imagenet_vistas_cityscapes_kitti(trees, tmp_path, capsys):
     imagenet_out, vistas_out, cityscapes_out = tmp_path / "imagenet", tmp_path / "vistas", tmp_path / "cityscapes"
     assert cli.main(["train", "--config", recipe("imagenet/wider_resnet38_ipabn_lr_256.json"), "--root",
                      str(trees / "imagenet"), "--crop", "32", "--steps", "1", "--out", str(imagenet_out)] + TINY) == 0
@@ -110,3 +112,11 @@ def test_the_segmentation_recipes_chain_imagenet_vistas_cityscapes(trees, tmp_pa
     for key in report["taken"]:
         if key.endswith("num_batches_tracked"):
             assert int(cityscapes["model"][key]) == int(vistas["model"][key]) + 1
+
+    kitti_out = tmp_path / "kitti"
+    assert cli.main(["train", "--config", recipe("kitti/wrn38a2_deeplabv3_kitti.json"), "--root", str(trees / "kitti"),
+                     "--init-from", str(cityscapes_out / "checkpoint.pt"), "--crop", "32x64", "--steps", "1",
+                     "--out", str(kitti_out)] + TINY) == 0  # fmt: skip
+    report = json.loads((kitti_out / "init_report.json").read_text())
+    assert not report["reinitialised"] and not report["left_out"]  # the same 19 classes: everything is taken
+    assert load_checkpoint(str(kitti_out / "best.pt"))["best"]["metric"] == "mean_iou"

@@ -408,9 +408,13 @@ class Trainer:
         if val_log is not None:
             val_log.write({"step": self.step, "metric": metric, "value": value,
                            "best_value": self.best["value"] if self.best else None})  # fmt: skip
-        self._say(f"step {self.step}: validation {metric} {value:.4f}"
-                  + (" (best so far: saved as best.pt)" if improved else f" (best {self.best['value']:.4f} "
-                     f"at step {self.best['step']})" if self.best else ""))  # fmt: skip
+        if improved:
+            verdict = f"the best so far: saved as {BEST_NAME}"
+        elif self.best:
+            verdict = f"best {self.best['value']:.4f} at step {self.best['step']}"
+        else:
+            verdict = "not a number: nothing kept"
+        self._say(f"step {self.step}: validation {metric} {value:.4f} ({verdict})")
         if improved:
             self.save(self.best_path)
 
