@@ -235,3 +235,29 @@ def test_run_length_flags_replace_the_config_unit(tmp_path):
     config = resolve_config(parser.parse_args(["--config", str(recipe)]))
     assert config.epochs == 90 and config.global_batch_size == 256
     assert math.isclose(config.lr, TrainConfig().lr)
+
+
+def test_validation_under_torchrun_scores_all_images_once(tmp_path):
+    """Two processes validate half the images each and add their confusion matrices: the score is
+    that of one process validating the same weights on every image."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "inplace_abn.cli", "train", "--network", "deeplabv3_resnet18", "--width", "0.125",
+        "--synthetic-samples", "15", "--synthetic-size", "32x64", "--crop", "32x64", "--batch-size", "2",
+        "--steps", "2", "--val-every", "2", "--device", "cpu", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", INPLACE_ABN_BACKEND="eager")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    config = TrainConfig.from_dict(state["config"])
+    model = build_model(config, 19)
+    model.load_state_dict(state["model"])
+    validation = build_dataset(config, "val", train=False)
+    assert len(validation) == 3  # 15 // 5: two images for the first process, one for the second
+    assert _mean_iou_by_hand(model, validation) == pytest.approx(state["best"]["value"], abs=1e-12)
