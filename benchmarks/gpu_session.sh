@@ -4,12 +4,14 @@
 #   benchmarks/gpu_session.sh tests    # the Triton kernels on CUDA against float64 references
 #   benchmarks/gpu_session.sh layer    # benchmarks/gpu_layer.py: the layer table for BENCHMARKS.md
 #   benchmarks/gpu_session.sh bench    # inplace-abn bench: network memory and step time at full size
+#   benchmarks/gpu_session.sh real     # benchmarks/real_models.py: converted torchvision / timm / smp models
+#                                      # (needs those three packages beside torch)
 #
 # Runs from the repository root with the python3 that holds torch and triton (the GPU machines'
 # image has both; nothing is installed). Results go to $OUT (the device tool's folder) or
 # ./gpu_results, at most 8 files.
 set -uo pipefail
-stage=${1:?usage: benchmarks/gpu_session.sh tests|layer|bench}
+stage=${1:?usage: benchmarks/gpu_session.sh tests|layer|bench|real}
 out=${OUT:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,8 +30,11 @@ layer)
 bench)
     python3 -m inplace_abn.cli bench --json "$out/bench.json" --plot "$out/bench.png" 2>&1 | tee "$out/bench.log"
     ;;
+real)
+    python3 benchmarks/real_models.py --device cuda --batch 32 --size 224 --json "$out/real_models.json" 2>&1 | tee "$out/real_models.md"
+    ;;
 *)
-    echo "unknown stage $stage: use tests, layer or bench" >&2
+    echo "unknown stage $stage: use tests, layer, bench or real" >&2
     exit 2
     ;;
 esac

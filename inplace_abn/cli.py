@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": ("demo", "train the same small DeepLabV3 with BatchNorm and InPlace-ABN on built-in data, and compare"),
     "check-data": ("check_data", "read a whole dataset tree; list unreadable files, missing pairs, bad label ids"),
     "convert-checkpoint": ("convert_checkpoint", "rewrite a trusted old checkpoint so that it loads safely"),
+    "convert-original": ("convert_original", "the original inplace_abn model zoo's checkpoints -> this package's format"),
 }
 
 

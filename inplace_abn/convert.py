@@ -582,7 +582,7 @@ def saved_activation_bytes(model: nn.Module, sample_input: SampleInput) -> int:
     """Bytes autograd keeps for backward in one training-mode forward of ``model`` on ``sample_input``
     (a tensor or a tuple of inputs): the distinct storages of saved tensors, parameters and buffers not
     counted. The model's modes, running statistics and the random state are left as they were."""
-    from .training.memory import SavedTensorMeter
+    from .memory import SavedTensorMeter
 
     meter = SavedTensorMeter([*model.parameters(), *model.buffers()])
     with _Preserved(model):

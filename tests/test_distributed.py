@@ -89,6 +89,7 @@ def _pair(config, channels=4):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # relu: the not-invertible warning is tested elsewhere
         synced = InPlaceABNSync(channels, group=config.get("group"), **kwargs).double()
+        kwargs.pop("in_place", None)
         single = InPlaceABN(channels, **kwargs).double()
     if synced.affine:
         with torch.no_grad():
@@ -107,24 +108,30 @@ def _sum_over(tensor, group=None):
 
 
 def _check_layer(synced, single, shards, rank, shape, channels_last, steps=2, group=None, dtype=torch.float64,
-                 tolerance=TOLERANCE):
-    """Train ``steps`` steps; this rank's shard of outputs and input gradients, the summed parameter
-    gradients and the running statistics must equal ``single`` on the concatenated batch."""
+                 tolerance=TOLERANCE, shortcut=False):
+    """Train ``steps`` steps; this rank's shard of outputs and input (and shortcut) gradients, the
+    summed parameter gradients and the running statistics must equal ``single`` on the concatenated
+    batch."""
     part = _shard_slice(shards, rank)
     for _ in range(steps):
         x = (torch.randn((sum(shards),) + shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
         grad = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        s = torch.randn(x.shape, dtype=torch.float64).to(dtype) if shortcut else None
         if channels_last:
             x, grad = x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
         x_synced = x[part].clone().requires_grad_()
         x_single = x.clone().requires_grad_()
-        out = synced(x_synced * 1)  # "* 1": an in-place layer must not receive a leaf
-        expected = single(x_single * 1)
+        s_synced = s[part].clone().requires_grad_() if shortcut else None
+        s_single = s.clone().requires_grad_() if shortcut else None
+        out = synced(x_synced * 1, s_synced)  # "* 1": an in-place layer must not receive a leaf
+        expected = single(x_single * 1, s_single)
         assert out.dtype == dtype
         torch.testing.assert_close(out, expected[part], **tolerance)
         out.backward(grad[part])
         expected.backward(grad)
         torch.testing.assert_close(x_synced.grad, x_single.grad[part], **tolerance)
+        if shortcut:
+            torch.testing.assert_close(s_synced.grad, s_single.grad[part], **tolerance)
         if synced.affine:
             torch.testing.assert_close(_sum_over(synced.weight.grad, group), single.weight.grad, **tolerance)
             torch.testing.assert_close(_sum_over(synced.bias.grad, group), single.bias.grad, **tolerance)
@@ -143,6 +150,10 @@ CONFIGS = [
     {"shape": (4, 6), "channels_last": False, "layer": {"activation": "relu"}},  # not in place: the fallback
     {"shape": (4, 3, 2, 2), "channels_last": False, "layer": {"affine": False, "activation_param": 0.3}},
     {"shape": (4, 5), "channels_last": False, "layer": {"track_running_stats": False}},
+    # the residual form, in place and in the recompute mode (in_place=False, or a lossy activation)
+    {"shape": (4, 3), "channels_last": False, "shortcut": True, "layer": {"activation": "elu", "activation_param": 1.0}},
+    {"shape": (4, 3), "channels_last": False, "shortcut": True, "layer": {"activation": "hardswish"}},
+    {"shape": (4, 3), "channels_last": False, "shortcut": True, "layer": {"in_place": False}},
 ]
 
 
@@ -150,7 +161,8 @@ def _check_configs(rank, world_size, shards):
     for config in CONFIGS:
         torch.manual_seed(0)  # the same data and weights on every rank
         synced, single = _pair(config)
-        _check_layer(synced, single, shards, rank, config["shape"], config["channels_last"])
+        _check_layer(synced, single, shards, rank, config["shape"], config["channels_last"],
+                     shortcut=config.get("shortcut", False))
     # Eval mode communicates nothing: only rank 0 runs it (a collective would hang, then time out).
     if rank == 0:
         synced.eval(), single.eval()

@@ -145,15 +145,20 @@ def test_invalid_output_stride():
         resnet18(output_stride=12)
 
 
-@pytest.mark.parametrize("backbone,output_stride", [("resnet18", 16), ("wider_resnet38_a2", 8), ("densenet121", 16)])
-def test_deeplabv3_output_matches_input_size(backbone, output_stride):
+@pytest.mark.parametrize("backbone,output_stride,head", [
+    ("resnet18", 16, "paper"), ("wider_resnet38_a2", 8, "paper"), ("densenet121", 16, "aspp"),
+])
+def test_deeplabv3_output_matches_input_size(backbone, output_stride, head):
     model = build("deeplabv3_" + backbone, num_classes=4, output_stride=output_stride, width_multiplier=1 / 16,
-                  hidden_channels=8)
+                  hidden_channels=8, head=head)
     images = torch.randn(2, 3, 50, 70)
     out = model(images)
     assert out.shape == (2, 4, 50, 70)
     out.mean().backward()
-    rates = [branch[0].dilation[0] for branch in model.head.aspp.branches[1:]]
+    if head == "paper":
+        rates = [conv.dilation[0] for conv in model.head.map_convs[1:]]
+    else:
+        rates = [branch[0].dilation[0] for branch in model.head.branches[1:]]
     assert rates == ([12, 24, 36] if output_stride == 8 else [6, 12, 18])
 
 
@@ -229,3 +234,30 @@ def test_default_backend(monkeypatch):
     torch.testing.assert_close(_train_step(in_place, images), _train_step(reference, images), rtol=1e-4, atol=1e-4)
     for p_ref, p_ours in zip(reference.parameters(), in_place.parameters()):
         torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_v1_is_torchvision_resnet(name):
+    """ResNet v1 with BatchNorm + ReLU is torchvision's ResNet (an independent definition of the same
+    network): its weights, renamed, give the same outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    reference = getattr(torchvision.models, name)(num_classes=10).double().eval()
+    for module in reference.modules():  # non-trivial statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1), module.running_var.uniform_(0.5, 2.0), module.weight.data.normal_()
+    ours = build(name + "_v1", num_classes=10, norm_act=batchnorm_act("relu")).double().eval()
+    top_level = {"conv1": "mod1.conv1", "bn1": "mod1.bn1", "fc": "classifier.fc"}
+    in_block = {"downsample.0": "proj_conv", "downsample.1": "proj_bn"}
+    state = {}
+    for key, value in reference.state_dict().items():
+        parts = key.split(".")
+        if parts[0].startswith("layer"):  # layer<S>.<B>.<layer>.<tensor>
+            stage, block, layer = int(parts[0][len("layer"):]), int(parts[1]), ".".join(parts[2:-1])
+            key = f"mod{stage + 1}.block{block + 1}.{in_block.get(layer, 'convs.' + layer)}.{parts[-1]}"
+        else:
+            key = f"{top_level[parts[0]]}.{parts[-1]}"
+        state[key] = value
+    ours.load_state_dict(state)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), reference(images), rtol=1e-10, atol=1e-10)

@@ -1,5 +1,6 @@
-"""The paper's networks with a pluggable ``norm_act``: ResNet, ResNeXt, WiderResNet, DenseNet and
-DeepLabV3. Standard BatchNorm + activation, ABN, InPlaceABN and InPlaceABNSync are one argument apart:
+"""The paper's networks with a pluggable ``norm_act``, laid out as the original's (so its published
+weights load: :func:`load_original`): ResNet, ResNeXt, WiderResNet, DenseNet and DeepLabV3.
+Standard BatchNorm + activation, ABN, InPlaceABN and InPlaceABNSync are one argument apart:
 
     >>> from inplace_abn.models import resnet50, norm_act
     >>> model = resnet50()                                    # InPlace-ABN, leaky_relu(0.01)
@@ -11,21 +12,25 @@ from __future__ import annotations
 from torch import nn
 
 from . import norm_act
-from .blocks import Backbone, ClassificationHead, PreActivationBlock
+from .blocks import Backbone, PostActivationBlock, PreActivationBlock
 from .deeplab import ASPP, DeepLabV3, DeepLabV3Head, deeplabv3
-from .densenet import DenseNet, densenet121, densenet169, densenet201, densenet264
+from .densenet import DenseModule, DenseNet, densenet121, densenet169, densenet201, densenet264
 from .norm_act import BatchNormAct2d, CheckpointedBatchNormAct2d, batchnorm_act, checkpointed_batchnorm_act
 from .resnet import (
-    ResNet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, resnext101_32x4d, resnext152_32x4d,
+    ResNet, ResNetV1, resnet18, resnet18_v1, resnet34, resnet34_v1, resnet50, resnet50_v1, resnet101, resnet101_v1,
+    resnet152, resnet152_v1, resnext50_32x4d, resnext50_64x2d, resnext101_32x4d, resnext101_64x2d, resnext152_32x4d,
+    resnext152_64x2d,
 )
 from .wider_resnet import WiderResNet, wider_resnet16, wider_resnet20, wider_resnet38, wider_resnet38_a2
+from .zoo import OriginalFileError, OriginalWeights, init_from_original, load_original, read_original
 
 #: backbone name -> builder; each takes norm_act, num_classes, output_stride and width_multiplier
 BACKBONES = {
     builder.__name__: builder
     for builder in (
         resnet18, resnet34, resnet50, resnet101, resnet152,
-        resnext50_32x4d, resnext101_32x4d, resnext152_32x4d,
+        resnet18_v1, resnet34_v1, resnet50_v1, resnet101_v1, resnet152_v1,
+        resnext50_32x4d, resnext101_32x4d, resnext152_32x4d, resnext50_64x2d, resnext101_64x2d, resnext152_64x2d,
         wider_resnet16, wider_resnet20, wider_resnet38, wider_resnet38_a2,
         densenet121, densenet169, densenet201, densenet264,
     )
@@ -46,10 +51,12 @@ def build(name: str, **kwargs) -> nn.Module:
     return BACKBONES[name](**kwargs)
 
 __all__ = [
-    "ASPP", "BACKBONES", "Backbone", "BatchNormAct2d", "CheckpointedBatchNormAct2d", "ClassificationHead",
-    "DeepLabV3", "DeepLabV3Head", "DenseNet", "PreActivationBlock", "ResNet", "WiderResNet",
-    "batchnorm_act", "build", "checkpointed_batchnorm_act", "deeplabv3", "densenet121", "densenet169",
-    "densenet201", "densenet264", "network_names", "norm_act", "resnet18", "resnet34", "resnet50", "resnet101",
-    "resnet152", "resnext50_32x4d", "resnext101_32x4d", "resnext152_32x4d", "wider_resnet16", "wider_resnet20",
-    "wider_resnet38", "wider_resnet38_a2",
+    "ASPP", "BACKBONES", "Backbone", "BatchNormAct2d", "CheckpointedBatchNormAct2d", "DeepLabV3", "DeepLabV3Head",
+    "DenseModule", "DenseNet", "OriginalFileError", "OriginalWeights", "PostActivationBlock", "PreActivationBlock",
+    "ResNet", "ResNetV1", "WiderResNet", "batchnorm_act", "build", "checkpointed_batchnorm_act", "deeplabv3",
+    "densenet121", "densenet169", "densenet201", "densenet264", "init_from_original", "load_original",
+    "network_names", "norm_act", "read_original", "resnet18", "resnet18_v1", "resnet34", "resnet34_v1",
+    "resnet50", "resnet50_v1", "resnet101", "resnet101_v1", "resnet152", "resnet152_v1", "resnext50_32x4d",
+    "resnext50_64x2d", "resnext101_32x4d", "resnext101_64x2d", "resnext152_32x4d", "resnext152_64x2d",
+    "wider_resnet16", "wider_resnet20", "wider_resnet38", "wider_resnet38_a2",
 ]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..activations import make_activation
 from ..modules import ABN, InPlaceABN
 
 
@@ -27,14 +28,17 @@ def abn(activation: str = "leaky_relu", activation_param: float = 0.01):
 _ACTIVATIONS = ("leaky_relu", "elu", "relu", "identity", "none")
 
 
-def _activate(y: torch.Tensor, activation: str, activation_param: float, inplace: bool) -> torch.Tensor:
+def activate(y: torch.Tensor, activation: str, activation_param: float, inplace: bool = False) -> torch.Tensor:
+    """``activation`` applied to ``y`` (over ``y`` itself with ``inplace``, where PyTorch has such a form)."""
     if activation == "leaky_relu":
         return F.leaky_relu(y, activation_param, inplace=inplace)
     if activation == "elu":
         return F.elu(y, activation_param, inplace=inplace)
     if activation == "relu":
         return F.relu(y, inplace=inplace)
-    return y  # identity
+    if activation in ("identity", "none"):
+        return y
+    return make_activation(activation, activation_param).forward(y)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -57,7 +61,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.inplace_activation = inplace_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _activate(super().forward(x), self.activation, self.activation_param, self.inplace_activation)
+        return activate(super().forward(x), self.activation, self.activation_param, self.inplace_activation)
 
     def extra_repr(self) -> str:
         inplace = ", inplace_activation=True" if self.inplace_activation else ""
@@ -88,7 +92,7 @@ class CheckpointedBatchNormAct2d(BatchNormAct2d):
                 running_mean = None if self.running_mean is None else self.running_mean.clone()
                 running_var = None if self.running_var is None else self.running_var.clone()
                 y = F.batch_norm(inp, running_mean, running_var, self.weight, self.bias, True, 0.0, self.eps)
-            return _activate(y, self.activation, self.activation_param, inplace=True)
+            return activate(y, self.activation, self.activation_param, inplace=True)
 
         return checkpoint(norm_act, x, use_reentrant=False)
 
@@ -123,3 +127,16 @@ def overwrites_input(norm_act: nn.Module) -> bool:
     if isinstance(norm_act, nn.Sequential) and len(norm_act) > 0:
         return overwrites_input(norm_act[0])
     return True
+
+
+def without_activation(norm_act, num_features: int) -> nn.Module:
+    """A layer from ``norm_act`` with the identity activation: the norm before a residual addition,
+    whose activation comes after the sum. ``norm_act`` must take an ``activation`` keyword, as every
+    ``norm_act`` of this module does (functools.partial lets a call override a bound keyword)."""
+    try:
+        return norm_act(num_features, activation="identity")
+    except TypeError as error:
+        raise TypeError(
+            f"post-activation blocks need a norm_act that accepts activation='identity' (the norm before "
+            f"the residual addition has no activation of its own); {norm_act!r} does not: {error}"
+        ) from error

@@ -1,5 +1,5 @@
 """WiderResNet 16/20/38 ("Wider or Deeper", model A) and WiderResNet-38-A2, the variant the paper
-uses for segmentation, built from pre-activation blocks."""
+uses for segmentation: pre-activation blocks, laid out as the original's (``mod1`` ... ``bn_out``)."""
 
 from __future__ import annotations
 
@@ -19,44 +19,51 @@ MODULE_CHANNELS = ((128, 128), (256, 256), (512, 512), (512, 1024), (512, 1024, 
 
 
 class WiderResNet(Backbone):
-    """A 3x3 stem of 64 channels at full resolution, then six modules of :class:`PreActivationBlock`
-    with :data:`MODULE_CHANNELS`, and a final ``norm_act``. The input is halved before each of the
-    first five modules (output stride 32).
+    """``mod1``: a 3x3 convolution of 64 channels at full resolution; ``mod2`` ... ``mod7``: blocks of
+    :class:`PreActivationBlock` with :data:`MODULE_CHANNELS`; ``bn_out``: a final ``norm_act``. The
+    input is halved before each of the first five modules (output stride 32) by the max-pools
+    ``pool2`` ... ``pool6``.
 
     Args:
         blocks_per_module: number of blocks in each of the six modules.
-        strided_blocks: the A2 variant: the first two halvings are max-pools and the next three are
-            strided first blocks (instead of max-pools everywhere), and modules 6 and 7 use spatial
+        strided_blocks: the A2 variant: ``pool2`` and ``pool3`` only, the next three halvings are the
+            first blocks of ``mod4`` ... ``mod6`` (stride 2), and ``mod6`` / ``mod7`` use spatial
             dropout (0.3, 0.5).
-        norm_act, num_classes, output_stride, width_multiplier: as :class:`~inplace_abn.models.ResNet`.
+        output_stride: 32, or 16 / 8 by dilating the last modules instead of halving. The original's
+            A2 ``dilation=True`` (its Vistas model) is ``output_stride=8``: ``mod5`` dilated by 2,
+            ``mod6`` and ``mod7`` by 4.
+        norm_act, num_classes, width_multiplier: as :class:`~inplace_abn.models.ResNet`.
     """
 
     def __init__(self, blocks_per_module: Sequence[int], strided_blocks: bool = False,
                  norm_act: Optional[NormAct] = None, num_classes: int = 1000, output_stride: int = 32,
                  width_multiplier: float = 1.0, in_channels: int = 3, dropout: float = 0.0):
+        if len(blocks_per_module) != 6:
+            raise ValueError(f"blocks_per_module must have six entries, got {tuple(blocks_per_module)}")
         norm_act = DEFAULT_NORM_ACT if norm_act is None else norm_act
         stem_channels = scaled_channels(64, width_multiplier)
-        layers = OrderedDict(stem_conv=conv3x3(in_channels, stem_channels))
+        stages = OrderedDict(mod1=nn.Sequential(OrderedDict(conv1=conv3x3(in_channels, stem_channels))))
         schedule = stride_schedule([2, 2, 2, 2, 2, 1], output_stride, initial_stride=1)
         channels_in = stem_channels
         for index, (num_blocks, (stride, dilation)) in enumerate(zip(blocks_per_module, schedule)):
-            name = f"mod{index + 2}"
             pooled = stride > 1 and (not strided_blocks or index < 2)
             if pooled:
-                layers[f"pool{index + 2}"] = nn.MaxPool2d(3, stride=2, padding=1)
+                stages[f"pool{index + 2}"] = nn.MaxPool2d(3, stride=2, padding=1)
             block_stride = 1 if pooled else stride
             channels = tuple(scaled_channels(c, width_multiplier) for c in MODULE_CHANNELS[index])
             dropout_layer = None
             if strided_blocks and index >= 4:
                 dropout_layer = functools.partial(nn.Dropout2d, 0.3 if index == 4 else 0.5)
-            blocks = []
+            blocks = OrderedDict()
             for block_index in range(num_blocks):
-                blocks.append(PreActivationBlock(channels_in, channels, block_stride if block_index == 0 else 1,
-                                                 dilation, norm_act=norm_act, dropout=dropout_layer))
+                blocks[f"block{block_index + 1}"] = PreActivationBlock(
+                    channels_in, channels, block_stride if block_index == 0 else 1, dilation, norm_act=norm_act,
+                    dropout=dropout_layer,
+                )
                 channels_in = channels[-1]
-            layers[name] = nn.Sequential(*blocks)
-        layers["final_norm_act"] = norm_act(channels_in)
-        super().__init__(nn.Sequential(layers), channels_in, output_stride, num_classes, dropout)
+            stages[f"mod{index + 2}"] = nn.Sequential(blocks)
+        stages["bn_out"] = norm_act(channels_in)
+        super().__init__(stages, channels_in, output_stride, num_classes, dropout)
 
 
 def _wider_resnet(blocks_per_module, strided_blocks=False, **kwargs) -> WiderResNet:

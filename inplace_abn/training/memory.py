@@ -1,12 +1,14 @@
-"""Memory of a training step: bytes kept for backward (any device), the process's peak resident
-size (CPU, Linux) and ``torch.cuda.max_memory_allocated`` (GPU)."""
+"""Memory of a training step: the process's resident size and its peak (CPU, Linux) and
+``torch.cuda.max_memory_allocated`` (GPU); ``SavedTensorMeter`` lives in :mod:`inplace_abn.memory`."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
+
+from ..memory import SavedTensorMeter  # noqa: F401  (imported from here before it moved)
 
 
 def resident_bytes(field: str = "VmRSS") -> Optional[int]:
@@ -41,42 +43,6 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-class SavedTensorMeter:
-    """Counts the distinct storages autograd keeps for backward during a forward pass (those of
-    ``parameters``, e.g. parameters and buffers, excluded): the memory that InPlace-ABN reduces.
-
-        meter = SavedTensorMeter(model.parameters())
-        with meter:
-            loss = criterion(model(x), y)
-        meter.bytes
-    """
-
-    def __init__(self, parameters: Iterable[torch.Tensor]):
-        self._parameters = {p.untyped_storage().data_ptr() for p in parameters}
-        self._storages = {}
-        self._hooks = None
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._storages.values())
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in self._parameters and storage.nbytes():
-            self._storages[pointer] = storage.nbytes()
-        return tensor
-
-    def __enter__(self) -> "SavedTensorMeter":
-        self._storages = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
 
 
 def peak_cuda_bytes(device: torch.device) -> Optional[int]:
