@@ -5,8 +5,6 @@ original's Vistas model evaluated with its own input settings."""
 
 import argparse
 import json
-import os
-import types
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from fixture_trees import VISTAS_LABELS, write_vistas_tree  # noqa: E402
+from fixture_trees import VISTAS_LABELS, write_imagefolder_tree, write_vistas_tree  # noqa: E402
 from inplace_abn import cli  # noqa: E402
 from inplace_abn.data.labels import label_id_palette  # noqa: E402
 from inplace_abn.training import Trainer, TrainConfig, load_checkpoint  # noqa: E402
@@ -57,7 +55,7 @@ def reference_views(model, images, scales, flip):
             scaled = images if scale == 1 else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             for mirrored in ((False, True) if flip else (False,)):
                 view = scaled.flip(-1) if mirrored else scaled
-                logits = model.head(model.backbone(view))
+                logits = model.cls(model.head(model.body(view)))
                 logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
                 if mirrored:
                     logits = logits.flip(-1)
@@ -200,68 +198,120 @@ def test_vistas_predictions_go_back_to_the_labels_resolution(tmp_path, capsys):
     assert json.loads(metrics.read_text())["mean_iou"] == pytest.approx(expected, abs=1e-12)
 
 
-class _Recording(torch.nn.Module):
-    """A network that remembers what it was given."""
+def original_vistas_snapshot(path, num_classes=65, seed=0):
+    """A file in the layout of the original's Vistas snapshot (``state_dict`` holding ``body``, ``head``,
+    ``cls``; no ``num_batches_tracked``, legacy serialization) of a WRN-38-A2 + DeepLabV3 at 1/16 of the
+    width, with random weights and statistics. Returns the network those weights make here."""
+    from inplace_abn.models import build
 
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.inputs = model, []
+    torch.manual_seed(seed)
+    model = build("deeplabv3_wider_resnet38_a2", num_classes=num_classes, width_multiplier=1 / 16, output_stride=8,
+                  pooling_size=(84, 84))  # fmt: skip
+    with torch.no_grad():  # statistics that keep the classes varying with the input
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_mean"):
+                tensor.normal_(0, 0.01)
+            elif name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+    parts = {"body": {}, "head": {}, "cls": {}}
+    for name, tensor in model.state_dict().items():
+        part, key = name.split(".", 1)
+        if not key.endswith("num_batches_tracked"):
+            parts[part][key] = tensor.clone()
+    torch.save({"state_dict": parts}, str(path), _use_new_zipfile_serialization=False)
+    return model.eval()
 
-    def forward(self, images):
-        self.inputs.append(images.clone())
-        return self.model(images)
 
-
-def test_the_original_vistas_model_is_evaluated_with_its_own_settings(tmp_path, monkeypatch):
+def test_the_original_vistas_model_is_evaluated_with_its_own_settings(tmp_path, capsys):
     from inplace_abn.tools import evaluate
     from inplace_abn.training import weights
 
     root = tmp_path / "vistas"
-    write_vistas_tree(str(root), {"validation": 1})
-    network = _Recording(tiny_model(num_classes=65))
-    original = types.SimpleNamespace(network="deeplabv3_wider_resnet38_a2", kwargs={"num_classes": 65},
-                                     state_dict=network.model.state_dict(), norm="inplace_abn",
-                                     description="the published Vistas model", build=lambda: network)  # fmt: skip
-    monkeypatch.setattr(weights, "read_original_weights", lambda path: original)
+    write_vistas_tree(str(root), {"validation": 2}, height=40, width=56)
     snapshot = tmp_path / "wide_resnet38_deeplab_vistas.pth.tar"
-    torch.save({"state_dict": {"body": {}, "head": {}, "cls": {}}}, str(snapshot))
+    network = original_vistas_snapshot(snapshot)
 
     parser = argparse.ArgumentParser()
     evaluate.configure(parser)
     loaded = weights.load_network(str(snapshot))
+    assert loaded.task == "segmentation" and loaded.num_classes == 65 and "original" in loaded.source
     settings = evaluate.data_config(loaded, parser.parse_args([str(snapshot), "--root", str(root)]))
-    assert settings.dataset == "vistas" and settings.longest_side == 2048  # the test script's
+    assert settings.dataset == "vistas" and settings.longest_side == 2048  # the original's test script
     assert settings.image_mean == VISTAS_MEAN and settings.image_std == VISTAS_STD
 
-    assert cli.main(["evaluate", str(snapshot), "--root", str(root), "--longest-side", "40", "--scales", "1",
-                     "--quiet"]) == 0  # fmt: skip
-    image = np.asarray(Image.open(root / "validation" / "images" / "validation0.png").convert("RGB"))
-    expected = _normalised(_resized_like_the_original(image, 40), VISTAS_MEAN, VISTAS_STD)
-    assert len(network.inputs) == 1
-    torch.testing.assert_close(network.inputs[0][0], expected, rtol=0, atol=1e-6)
+    out = tmp_path / "predictions"
+    assert cli.main(["evaluate", str(snapshot), "--root", str(root), "--longest-side", "48", "--scales", "1",
+                     "--output", str(out), "--format", "labels,prob", "--quiet"]) == 0  # fmt: skip
+    assert "65 classes" in capsys.readouterr().out
+    for index in range(2):
+        name = f"validation{index}"
+        image = np.asarray(Image.open(root / "validation" / "images" / f"{name}.png").convert("RGB"))
+        resized = _resized_like_the_original(image, 48)
+
+        def prediction(mean, std):
+            """(classes, confidence x 255) as the original's test script makes them, at the image's size."""
+            with torch.no_grad():
+                confidence, classes = network(_normalised(resized, mean, std)[None]).softmax(1).max(1)
+            size = (image.shape[1], image.shape[0])
+            classes = Image.fromarray(classes[0].numpy().astype(np.uint8)).resize(size, Image.NEAREST)
+            confidence = (confidence[0] * 255).round().numpy().astype(np.uint8)
+            confidence = Image.fromarray(confidence).resize(size, Image.NEAREST)
+            return np.asarray(classes), np.asarray(confidence).astype(int)
+
+        classes, confidence = prediction(VISTAS_MEAN, VISTAS_STD)
+        assert np.array_equal(np.asarray(Image.open(out / f"{name}.png")), classes)
+        written = np.asarray(Image.open(out / f"{name}_prob.png")).astype(int)
+        assert np.abs(written - confidence).max() <= 1  # float rounding at the x 255 step
+        # the check can tell: ImageNet's statistics would have given other confidences
+        _, imagenet_confidence = prediction((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        assert np.abs(written - imagenet_confidence).max() > 1
 
 
-def test_init_from_the_original_file_goes_through_the_same_seam(tmp_path, monkeypatch):
-    from inplace_abn.training import weights
-
-    source = tiny_model(num_classes=65, seed=3)
-    original = types.SimpleNamespace(network="deeplabv3_resnet18", kwargs={"num_classes": 65},
-                                     state_dict=source.state_dict(), norm="inplace_abn", description="")  # fmt: skip
-    monkeypatch.setattr(weights, "read_original_weights", lambda path: original)
-    snapshot = tmp_path / "original.pth.tar"
-    torch.save({"state_dict": {}}, str(snapshot))
-    config = TrainConfig(network="deeplabv3_resnet18", width_multiplier=0.125, synthetic_samples=4,
-                         synthetic_size=(32, 64), crop_size=(32, 64), batch_size=2, init_from=str(snapshot),
-                         out_dir=str(tmp_path / "run"), device="cpu", progress=False)  # fmt: skip
+def test_init_from_the_original_vistas_model_keeps_all_but_its_classifier(tmp_path):
+    snapshot = tmp_path / "wide_resnet38_deeplab_vistas.pth.tar"
+    network = original_vistas_snapshot(snapshot)
+    config = TrainConfig(network="deeplabv3_wider_resnet38_a2", output_stride=8, width_multiplier=1 / 16,
+                         network_options={"pooling_size": [84, 84]}, synthetic_samples=4, synthetic_size=(32, 64),
+                         crop_size=(32, 64), batch_size=2, init_from=str(snapshot), out_dir=str(tmp_path / "run"),
+                         device="cpu", progress=False)  # fmt: skip
     trainer = Trainer(config, quiet=True)
     report = trainer.init_report
-    assert report.source.endswith("(original inplace_abn deeplabv3_resnet18)")
-    assert sorted(report.reinitialised) == ["head.classifier.bias", "head.classifier.weight"]  # 65 -> 19 classes
-    model = trainer.model.state_dict()
+    assert report.source.endswith("(original inplace_abn deeplabv3_wider_resnet38_a2)")
+    assert sorted(report.reinitialised) == sorted(report.left_out) == ["cls.bias", "cls.weight"]  # 65 -> 19
+    model, source = trainer.model.state_dict(), network.state_dict()
     for key in report.taken:
-        assert torch.equal(model[key], source.state_dict()[key])
+        assert torch.equal(model[key], source[key]), key
     trainer.close()
-    original.norm = "batchnorm"  # the original's standard-BN ResNeXt: scale = weight
-    with pytest.raises(ValueError, match="would not mean the same"):
-        Trainer(config, quiet=True)
-    assert os.path.isfile(tmp_path / "run" / "init_report.json")
+
+
+def test_init_from_an_original_standard_bn_file_converts_its_scales_exactly(tmp_path, monkeypatch):
+    from inplace_abn.models import build, zoo
+
+    torch.manual_seed(0)
+    classifier = build("resnext101_64x2d", num_classes=10, width_multiplier=1 / 16, input_3x3=True)
+    state = {}
+    for name, tensor in classifier.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.endswith(".weight") and tensor.ndim == 1:  # BatchNorm scales, above eps as convertible ones are
+            tensor = torch.rand(tensor.shape) + 0.5
+        state["module." + name] = tensor.clone()
+    path = tmp_path / "resnext101_stdbn_lr_256.pth.tar"
+    torch.save({"state_dict": state, "arch": "resnext101"}, str(path), _use_new_zipfile_serialization=False)
+    md5 = zoo._md5(str(path))
+    monkeypatch.setitem(zoo.PUBLISHED_FILES, md5, zoo.PublishedFile("resnext101_64x2d", "batchnorm", "standard BN"))
+
+    write_imagefolder_tree(str(tmp_path / "images"))
+    config = TrainConfig(network="resnext101_64x2d", network_options={"input_3x3": True}, width_multiplier=1 / 16,
+                         dataset="imagefolder", root=str(tmp_path / "images"), crop_size=(32, 32), batch_size=2,
+                         init_from=str(path), out_dir=str(tmp_path / "run"), device="cpu", progress=False)  # fmt: skip
+    trainer = Trainer(config, quiet=True)  # InPlace-ABN layers: scale |w| + eps
+    assert "scales converted to inplace_abn's" in trainer.init_report.source
+    model = trainer.model.state_dict()
+    scales = [key for key in trainer.init_report.taken if key.endswith(".weight") and model[key].ndim == 1]
+    assert scales
+    for key in scales:
+        # the same scale: |w'| + eps = w, the BatchNorm weight
+        torch.testing.assert_close(model[key].abs() + 1e-5, state["module." + key], rtol=0, atol=1e-7)
+    assert sorted(trainer.init_report.left_out) == ["classifier.fc.bias", "classifier.fc.weight"]  # 10 -> 3 classes
+    trainer.close()

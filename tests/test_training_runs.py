@@ -63,7 +63,7 @@ def test_init_from_with_another_class_count_takes_all_but_the_classifier(tmp_pat
     model = trainer.model.state_dict()
     report = trainer.init_report
     assert trainer.num_classes == 65
-    classifier = {key for key in model if key.startswith("head.classifier.")}
+    classifier = {key for key in model if key.startswith("cls.")}
     assert classifier and set(report.reinitialised) == classifier
     assert all("shape" in reason and "19" in reason and "65" in reason for reason in report.reinitialised.values())
     assert set(report.left_out) == classifier  # the 19-class classifier has no place here
@@ -87,12 +87,12 @@ def test_init_from_a_classifier_gives_a_segmentation_network_its_backbone(tmp_pa
     source = load_checkpoint(source_path)["model"]
     trainer = Trainer(tiny(tmp_path / "segmentation", init_from=source_path), quiet=True)
     report, model = trainer.init_report, trainer.model.state_dict()
-    assert report.key_map == "'backbone.' prefixed"
-    assert set(report.taken) == {key for key in model if key.startswith("backbone.")}
-    assert set(report.reinitialised) == {key for key in model if key.startswith("head.")}
-    assert set(report.left_out) == {key for key in source if key.startswith("head.")}  # the ImageNet classifier
+    assert report.key_map == "'body.' prefixed"
+    assert set(report.taken) == {key for key in model if key.startswith("body.")}
+    assert set(report.reinitialised) == {key for key in model if key.startswith(("head.", "cls."))}
+    assert set(report.left_out) == {key for key in source if key.startswith("classifier.")}  # the ImageNet classifier
     for key in report.taken:
-        assert torch.equal(model[key], source[key[len("backbone."):]])
+        assert torch.equal(model[key], source[key[len("body."):]])
     trainer.close()
 
 

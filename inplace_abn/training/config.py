@@ -45,7 +45,8 @@ class TrainConfig:
     image_mean: Tuple[float, float, float] = IMAGENET_MEAN  # input normalisation, RGB in [0, 1]
     image_std: Tuple[float, float, float] = IMAGENET_STD
     color_jitter: bool = True
-    color_jitter_amounts: Tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.02)  # brightness, contrast, saturation, hue
+    # brightness, contrast, saturation (factors in 1 +- value), hue (a rotation of +- value turns)
+    color_jitter_amounts: Tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.02)
     lighting: float = 0.0  # classification: std of AlexNet's PCA lighting noise (0: off)
     workers: int = 0
     # optimization
@@ -119,20 +120,22 @@ class TrainConfig:
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1 (or null), got {self.global_batch_size}")
         if self.lr_schedule == "step" and not self.lr_milestones:
-            raise ValueError("lr_schedule 'step' needs lr_milestones (the epochs at which lr is multiplied by lr_gamma)")
+            raise ValueError("lr_schedule 'step' needs lr_milestones: the epochs where lr is multiplied by lr_gamma")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise ValueError(f"lr_milestones must be increasing, got {list(self.lr_milestones)}")
         if not 0 <= self.warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must lie in [0, 1], got {self.warmup_start_factor}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {self.image_mean}, {self.image_std}")
+            raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {self.image_mean}, "
+                             f"{self.image_std}")  # fmt: skip
         if len(self.color_jitter_amounts) != 4:
             raise ValueError(f"color_jitter_amounts needs 4 values (brightness, contrast, saturation, hue), "
                              f"got {list(self.color_jitter_amounts)}")  # fmt: skip
         if self.longest_side is not None and self.longest_side < 1:
             raise ValueError(f"longest_side must be >= 1 (or null), got {self.longest_side}")
         if not isinstance(self.network_options, dict):
-            raise ValueError(f"network_options must be a JSON object of builder arguments, got {self.network_options!r}")
+            raise ValueError(f"network_options must be a JSON object of builder arguments, "
+                             f"got {self.network_options!r}")  # fmt: skip
         return self
 
     def to_dict(self) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ def _class_scores(model: torch.nn.Module, view: torch.Tensor, size) -> torch.Ten
     from ..models.deeplab import DeepLabV3
 
     if isinstance(model, DeepLabV3):
-        logits = model.head(model.backbone(view))
+        logits = model.cls(model.head(model.body(view)))
     else:
         logits = model(view)
     logits = logits.float()
@@ -224,7 +224,7 @@ def _resize_nearest(array: np.ndarray, shape) -> np.ndarray:
 @torch.no_grad()
 def evaluate_classification(model: torch.nn.Module, dataset, device: torch.device, batch_size: int = 32,
                             workers: int = 0, progress: bool = False,
-                            reduce: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Dict[str, float]:  # fmt: skip
+                            reduce: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Dict[str, float]:
     """Top-1 / top-5 accuracy; ten-crop samples ``(10, 3, S, S)`` have their crops' softmax averaged.
     ``reduce`` sums the counts over processes (each evaluating its own share of the images)."""
     from ..metrics import TopKAccuracy

@@ -146,7 +146,9 @@ class Trainer:
         if len(self.dataset) < per_step:
             raise ValueError(f"{len(self.dataset)} training samples are fewer than one step's batch ({per_step})")
         self.steps_per_epoch = len(self.dataset) // self.world.world_size // self.batch_size
-        self.total_steps = config.steps if config.epochs is None else max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        self.total_steps = config.steps
+        if config.epochs is not None:
+            self.total_steps = max(1, math.ceil(config.epochs * self.steps_per_epoch))
 
         self.checkpoint_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self.best_path = os.path.join(config.out_dir, BEST_NAME)

@@ -13,16 +13,6 @@ import torch
 
 from .checkpoint import load_checkpoint
 
-#: how the original's Vistas model sees its input (its test script): images scaled to a longest side
-#: of 2048 pixels, then normalised with the Vistas training set's channel statistics
-ORIGINAL_VISTAS_SETTINGS = {
-    "dataset": "vistas",
-    "image_mean": (0.41738699, 0.45732192, 0.46886091),
-    "image_std": (0.25685097, 0.26509955, 0.29067996),
-    "longest_side": 2048,
-}
-
-
 @dataclasses.dataclass
 class LoadedNetwork:
     """A network with its weights, and what evaluating it needs to know."""
@@ -65,11 +55,21 @@ def read_original_weights(path: str):
 
 
 def _original_settings(weights) -> Dict[str, Any]:
-    """The input settings of an original file: its Vistas model's (see :data:`ORIGINAL_VISTAS_SETTINGS`);
-    the ImageNet classifiers use the defaults (ImageNet statistics, 224 center crops)."""
+    """The TrainConfig data settings that feed an original network what the original fed it
+    (``weights.preprocessing``: its Vistas model's images at a longest side of 2048 with the Vistas
+    statistics; its ImageNet classifiers' 224 center crops with ImageNet's)."""
+    preprocessing = dict(weights.preprocessing)
+    settings: Dict[str, Any] = {}
+    if "mean" in preprocessing:
+        settings["image_mean"] = tuple(preprocessing["mean"])
+        settings["image_std"] = tuple(preprocessing["std"])
+    if preprocessing.get("longest_side"):
+        settings["longest_side"] = int(preprocessing["longest_side"])
+    if preprocessing.get("crop"):
+        settings["crop_size"] = (int(preprocessing["crop"]),) * 2
     if weights.network.startswith("deeplabv3_") and weights.kwargs.get("num_classes") == 65:
-        return dict(ORIGINAL_VISTAS_SETTINGS)
-    return {}
+        settings["dataset"] = "vistas"
+    return settings
 
 
 def load_network(path: str, build=None) -> LoadedNetwork:
@@ -88,8 +88,8 @@ def load_network(path: str, build=None) -> LoadedNetwork:
         config = TrainConfig.from_dict(dict(state["config"]), path)
         model = build(config, state["num_classes"])
         model.load_state_dict(state["model"])
-        return LoadedNetwork(model.eval(), int(state["num_classes"]), config.task,
-                             f"inplace-abn-next checkpoint (step {state.get('step', '?')})", config=state["config"])  # fmt: skip
+        source = f"inplace-abn-next checkpoint (step {state.get('step', '?')})"
+        return LoadedNetwork(model.eval(), int(state["num_classes"]), config.task, source, config=state["config"])
     if _is_original_file(state):
         del state
         weights = read_original_weights(path)
@@ -107,9 +107,11 @@ def load_network(path: str, build=None) -> LoadedNetwork:
 _SCALE_CONVENTION = {"inplace_abn": "|weight| + eps", "abn": "|weight| + eps", "batchnorm": "weight"}
 
 
-def source_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
-    """``(state dict in this package's layout, description, norm)`` of any file :func:`load_network`
-    reads; ``norm`` is the kind of normalisation its weights were trained for."""
+def source_weights(path: str, norm: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """``(state dict in this package's layout, description, its norm)`` of any file :func:`load_network`
+    reads, for a network whose layers are ``norm``. The original's files come in ``norm``'s scale
+    convention (the zoo converts a standard-BN file exactly, or refuses); this package's checkpoints
+    as they were trained."""
     state = load_checkpoint(path)
     if _is_own_checkpoint(state):
         config = state["config"]
@@ -117,7 +119,13 @@ def source_weights(path: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
     if _is_original_file(state):
         del state
         weights = read_original_weights(path)
-        return dict(weights.state_dict), f"{path} (original inplace_abn {weights.network})", weights.norm
+        description = f"{path} (original inplace_abn {weights.network})"
+        if _SCALE_CONVENTION[weights.norm] == _SCALE_CONVENTION[norm]:
+            return dict(weights.state_dict), description, weights.norm
+        from ..models import norm_act
+
+        layers = norm_act.batchnorm_act() if norm == "batchnorm" else norm_act.inplace_abn()
+        return weights.build(norm_act=layers).state_dict(), f"{description}, scales converted to {norm}'s", norm
     raise ValueError(
         f"--init-from {path}: neither an inplace-abn-next checkpoint (keys 'config', 'model') nor a file of the "
         f"original inplace_abn (key 'state_dict'): it has {_describe_keys(state)}"
@@ -240,10 +248,11 @@ def init_from_checkpoint(model: torch.nn.Module, path: str, norm: str) -> InitRe
     reads (this package's checkpoints, the original's ImageNet and Vistas files), for a network whose
     normalisation layers are ``norm``. Weights trained for a norm of another scale convention are
     refused: loaded as they are, they would compute something else."""
-    weights, description, source_norm = source_weights(path)
+    weights, description, source_norm = source_weights(path, norm)
     if _SCALE_CONVENTION.get(source_norm) != _SCALE_CONVENTION[norm]:
         raise ValueError(
-            f"--init-from {description}: its norm layers are {source_norm!r} (scale {_SCALE_CONVENTION.get(source_norm)}), "
+            f"--init-from {description}: its norm layers are {source_norm!r} "
+            f"(scale {_SCALE_CONVENTION.get(source_norm)}), "
             f"this run's are {norm!r} (scale {_SCALE_CONVENTION[norm]}): the weights would not mean the same. Train "
             f"with norm {source_norm!r}, or convert the checkpoint's network first (inplace_abn.convert_to_abn turns "
             "BatchNorm weights into exact InPlace-ABN ones)"
