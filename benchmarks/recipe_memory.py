@@ -82,7 +82,7 @@ def note(result: dict) -> str:
         f"({result['parameters'] / 1e6:.1f} M parameters). How: bytes autograd saves (inplace-abn bench's count), "
         f"full width, float32, on a CPU, {result['how']} (benchmarks/recipe_memory.py); a GPU step also needs "
         f"workspace: inplace-abn bench --network {result['network']} --crop {max(map(int, crop.split('x')))} "
-        "measures it on a GPU."
+        "measures it on a GPU (with the network's default options)."
     )
 
 
