@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 
+
 @dataclasses.dataclass
 class LoadedNetwork:
     """A network with its weights, and what evaluating it needs to know."""
@@ -43,14 +44,9 @@ def _describe_keys(state) -> str:
 def read_original_weights(path: str):
     """The one place where the original's files come in: :func:`inplace_abn.models.zoo.read_original`
     (an ``OriginalWeights``: ``network``, builder ``kwargs``, ``state_dict`` in this package's layout,
-    ``norm``, ``build()``)."""
-    try:
-        from ..models.zoo import read_original
-    except ImportError:
-        raise ValueError(
-            f"{path} is a file of the original inplace_abn ('state_dict' at the top); reading it needs "
-            "inplace_abn.models.zoo.read_original, which this installation does not have"
-        ) from None
+    ``norm``, ``preprocessing``, ``build()``). It reads the file again, safely: a one-off at start."""
+    from ..models.zoo import read_original
+
     return read_original(path)
 
 
