@@ -72,6 +72,10 @@ class TensorBoardLog:
             if row.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", row[key], row["step"])
 
+    def write_scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

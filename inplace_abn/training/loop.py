@@ -351,7 +351,7 @@ class Trainer:
                                         refresh=False)  # fmt: skip
                         bar.update()
                     if config.val_every and (self.step % config.val_every == 0 or self.step == self.total_steps):
-                        self._validate_and_keep_best(val_log)
+                        self._validate_and_keep_best(val_log, board)
                         self.network.train()
                     if self.step % config.checkpoint_every == 0 and self.step < last:
                         self.save()
@@ -400,7 +400,7 @@ class Trainer:
                                                workers=self.config.workers, reduce=reduce)  # fmt: skip
             return evaluate_segmentation(self.model, dataset, self.device, workers=self.config.workers, reduce=reduce)
 
-    def _validate_and_keep_best(self, val_log: Optional[CsvLog]) -> None:
+    def _validate_and_keep_best(self, val_log: Optional[CsvLog], board: Optional[TensorBoardLog]) -> None:
         metric = self.config.val_metric
         scores = self.validate()
         value = float(scores[metric])
@@ -410,6 +410,8 @@ class Trainer:
         if val_log is not None:
             val_log.write({"step": self.step, "metric": metric, "value": value,
                            "best_value": self.best["value"] if self.best else None})  # fmt: skip
+        if board is not None:
+            board.write_scalar(f"val/{metric}", value, self.step)
         if improved:
             verdict = f"the best so far: saved as {BEST_NAME}"
         elif self.best:
