@@ -1,7 +1,8 @@
 """What a long run needs from the trainer: ``--init-from`` a checkpoint with another class count (the
 report says which keys were taken, re-initialised or left out), ``--resume`` on a folder without a
-checkpoint yet, validation every N steps keeping the best checkpoint, warmup with the poly and step
-schedules over epochs, and the optimizer options of the original's recipes."""
+checkpoint yet, validation every N steps keeping the best checkpoint (also under torchrun), warmup
+with the poly and step schedules over epochs, and the optimizer and augmentation options of the
+original's recipes."""
 
 import csv
 import json
@@ -261,3 +262,32 @@ def test_validation_under_torchrun_scores_all_images_once(tmp_path):
     validation = build_dataset(config, "val", train=False)
     assert len(validation) == 3  # 15 // 5: two images for the first process, one for the second
     assert _mean_iou_by_hand(model, validation) == pytest.approx(state["best"]["value"], abs=1e-12)
+
+
+def test_lighting_on_normalised_tensors_is_the_originals_shift_before_normalising():
+    from inplace_abn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting
+
+    # AlexNet's PCA of ImageNet's pixels, as the original's scripts/imagenet/transforms.py has them
+    eigenvalues = torch.tensor([0.2175, 0.0188, 0.0045], dtype=torch.float64)
+    eigenvectors = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140],
+                                 [-0.5836, -0.6948, 0.4203]], dtype=torch.float64)  # fmt: skip
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    image = torch.rand(3, 5, 7)
+    shifted = Lighting(0.1)((image - mean) / std, torch.Generator().manual_seed(3))
+    alpha = torch.randn(3, generator=torch.Generator().manual_seed(3)).double() * 0.1
+    rgb = (eigenvectors * alpha * eigenvalues).sum(dim=1).view(3, 1, 1)
+    expected = (image.double() + rgb - mean) / std
+    torch.testing.assert_close(shifted.double(), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(shifted, (image - mean) / std)
+
+
+def test_the_recipe_augmentation_settings_reach_the_transforms(tmp_path):
+    from inplace_abn.training.data import WithLighting, train_transform
+
+    config = tiny(tmp_path, network="resnet18", dataset="imagefolder", root="unused", lighting=0.1,
+                  color_jitter_amounts=(0.4, 0.4, 0.4, 0.0), image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
+    transform = train_transform(config)
+    assert isinstance(transform, WithLighting) and transform.lighting.alpha_std == 0.1
+    assert transform.lighting.std == (0.25, 0.25, 0.25) and transform.transform.std == (0.25, 0.25, 0.25)
+    jitter = transform.transform.jitter
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (0.4, 0.4, 0.4, 0.0)
