@@ -61,7 +61,7 @@ def test_cityscapes_layout_matches_the_synthetic_scenes(cityscapes_root):
     assert os.path.isfile(dataset.files[0].image) and dataset.files[0].name == synthetic.name(0)
     for index in range(2):
         ours, reference = dataset[index], synthetic[index]
-        assert set(ours) == {"image", "label", "name", "label_ids", "instance_ids"}
+        assert set(ours) == {"image", "label", "name", "size", "label_ids", "instance_ids"}
         assert ours["name"] == reference["name"]
         for key in ("image", "label", "label_ids", "instance_ids"):
             assert torch.equal(ours[key], reference[key]), key

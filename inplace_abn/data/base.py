@@ -16,6 +16,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     - ``image``: ``float32 (3, H, W)``, normalised (whatever ``transform`` returns);
     - ``label``: ``int64 (H, W)`` train ids, ``ignore_index`` where not evaluated;
     - ``name``: the sample's name (for Cityscapes ``<city>_<seq>_<frame>``);
+    - ``size``: ``int64 (2,)``, the image's (height, width) before the transform (predictions of
+      resized images go back to it);
     - with ``eval_maps=True``, untransformed ``label_ids`` and ``instance_ids`` (``int64 (H0, W0)``) at
       the original resolution, for the Cityscapes evaluation (datasets that have them).
 
@@ -64,7 +66,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         index = index % len(self)
         image, label, extra = self.load(index)
         image_tensor, label_tensor = self.transform(image, label)
-        sample = {"image": image_tensor, "name": self.name(index)}
+        sample = {"image": image_tensor, "name": self.name(index), "size": torch.tensor(image.shape[:2])}
         if label_tensor is not None:
             sample["label"] = label_tensor
         if self.eval_maps:

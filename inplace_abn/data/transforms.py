@@ -383,3 +383,36 @@ class ClassificationEvalTransform:
         ]
         crops += [crop[:, ::-1] for crop in crops]
         return torch.stack([image_to_tensor(crop, self.mean, self.std) for crop in crops])
+
+
+# --------------------------------------------------------------------------------------------
+# Lighting noise on normalised tensors
+
+# the principal components of ImageNet's RGB pixels in [0, 1] (AlexNet's "fancy PCA" augmentation)
+_PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
+_PCA_EIGENVECTORS = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+class Lighting:
+    """AlexNet's lighting noise: adds ``eigenvectors @ (alpha * eigenvalues)`` to every pixel (RGB in
+    [0, 1]), ``alpha ~ N(0, alpha_std)`` per image. Applied to a tensor normalised with ``std``, the
+    shift is divided by it, which is the same as adding it before the normalisation."""
+
+    def __init__(self, alpha_std: float = 0.1, std: Sequence[float] = IMAGENET_STD):
+        self.alpha_std = alpha_std
+        self.std = tuple(std)
+
+    def shift(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The RGB shift of one image, in [0, 1] units."""
+        alpha = torch.randn(3, generator=generator) * self.alpha_std
+        vectors = torch.tensor(_PCA_EIGENVECTORS, dtype=torch.float32)
+        return vectors @ (alpha * torch.tensor(_PCA_EIGENVALUES, dtype=torch.float32))
+
+    def __call__(self, tensor: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.alpha_std == 0:
+            return tensor
+        shift = self.shift(generator) / torch.tensor(self.std, dtype=torch.float32)
+        return tensor + shift.view(3, 1, 1).to(tensor.dtype)
+
+    def __repr__(self) -> str:
+        return f"Lighting(alpha_std={self.alpha_std})"

@@ -1,5 +1,6 @@
 """``inplace-abn train``: train a segmentation (DeepLabV3) or classification network from a JSON config
-and/or flags; under ``torchrun`` each process trains a shard with InPlaceABNSync + DDP."""
+(the recipes in ``configs/``) and/or flags; under ``torchrun`` each process trains a shard with
+InPlaceABNSync + DDP."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 # flag -> (TrainConfig field, type, help); flags left out keep the config file's (or default) value
 _FLAGS = {
     "--network": ("network", str, "deeplabv3_<backbone> (segmentation) or a backbone (classification)"),
+    "--init-from": ("init_from", str, "start from the matching weights of this checkpoint (ours or the original's, "
+                                      "e.g. an ImageNet backbone); the rest, e.g. a head for other classes, is new"),
     "--norm": ("norm", str, "inplace_abn | batchnorm | abn"),
     "--width": ("width_multiplier", float, "channel width multiplier"),
     "--output-stride": ("output_stride", int, "8 / 16 (segmentation), 32 (classification)"),
@@ -20,9 +23,13 @@ _FLAGS = {
     "--synthetic-samples": ("synthetic_samples", int, "size of the synthetic training set"),
     "--synthetic-size": ("synthetic_size", "pair", "HxW of the synthetic scenes"),
     "--crop": ("crop_size", "pair", "HxW training crop (classification: H)"),
+    "--longest-side": ("longest_side", int, "segmentation: resize images to this longest side first"),
     "--batch-size": ("batch_size", int, "per process"),
+    "--global-batch-size": ("global_batch_size", int, "over all processes (split evenly)"),
     "--steps": ("steps", int, "total training steps"),
-    "--lr": ("lr", float, "initial learning rate (poly decay to 0)"),
+    "--epochs": ("epochs", float, "total passes over the training set (instead of --steps)"),
+    "--lr": ("lr", float, "initial learning rate (after the warmup; decay by the config's lr_schedule)"),
+    "--warmup-steps": ("warmup_steps", int, "linear learning-rate warmup over this many steps"),
     "--momentum": ("momentum", float, "SGD momentum"),
     "--weight-decay": ("weight_decay", float, "weight decay (not on norm parameters and biases)"),
     "--amp": ("amp", str, "none | bf16 | fp16 autocast"),
@@ -31,6 +38,7 @@ _FLAGS = {
     "--device": ("device", str, "auto | cpu | cuda"),
     "--out": ("out_dir", str, "output folder: checkpoint.pt, log.csv, curves.png"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
+    "--val-every": ("val_every", int, "steps between validations (the best is kept as OUT/best.pt; 0: none)"),
     "--log-every": ("log_every", int, "steps between CSV rows"),
 }
 
@@ -46,7 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=field, type=_pair if kind == "pair" else kind, default=None, help=help_text)
     parser.add_argument("--tensorboard", action="store_true", default=None, help="also log to TensorBoard")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="continue from CHECKPOINT (default: OUT/checkpoint.pt)")  # fmt: skip
+                        help="continue from CHECKPOINT; without one, from OUT/checkpoint.pt, or from scratch while "
+                             "OUT has none yet (rerun the same command after a preemption)")  # fmt: skip
     parser.add_argument("--evaluate", action="store_true", help="evaluate on the validation split at the end")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
@@ -56,6 +65,10 @@ def resolve_config(args: argparse.Namespace):
     from ..training import TrainConfig
 
     overrides = {field: getattr(args, field) for _, (field, _, _) in _FLAGS.items() if getattr(args, field) is not None}
+    # a flag sets the run's length or batch in its own unit: the config's other unit then no longer applies
+    for given, other in (("steps", "epochs"), ("batch_size", "global_batch_size")):
+        if given in overrides and other not in overrides:
+            overrides[other] = None
     if args.tensorboard:
         overrides["tensorboard"] = True
     if args.config:
@@ -77,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
     if args.quiet:
         config.progress = False
     try:
-        trainer = Trainer(config, resume=args.resume, quiet=args.quiet)
+        # --quiet only drops the progress bar: what the run decides (resume, init) is still said
+        trainer = Trainer(config, resume=args.resume, quiet=False)
     except (ValueError, FileNotFoundError) as error:
         print(f"inplace-abn train: error: {error}", file=sys.stderr)
         return 1
@@ -103,8 +117,7 @@ def _evaluate(trainer) -> None:
         print(json.dumps(evaluate_classification(trainer.model, dataset, trainer.device), indent=2))
         return
     eval_maps = config.dataset in ("synthetic", "cityscapes")
-    dataset = build_dataset(config, val_split, train=False, eval_maps=eval_maps,
-                            num_samples=max(1, config.synthetic_samples // 5))  # fmt: skip
+    dataset = build_dataset(config, val_split, train=False, eval_maps=eval_maps)
     result = evaluate_segmentation(trainer.model, dataset, trainer.device)
     if "cityscapes" in result:
         from ..metrics import format_report
