@@ -179,6 +179,38 @@ def test_every_form_of_every_activation_merges_exactly(act, expected, rtol):
     assert_converted_exactly(model, converted, x, rtol)
 
 
+class EveryFeedingLayer(nn.Module):
+    """Norms fed by a conv with a bias, a grouped conv, a grouped transposed conv, a linear layer, and
+    1-d and 3-d convs: each takes the signs of its norm's negative weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, groups=3, bias=False), nn.BatchNorm2d(6)
+        self.conv3, self.bn3 = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4)
+        self.conv4, self.bn4 = nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.conv5, self.bn5 = nn.Conv3d(1, 2, 3, padding=1), nn.BatchNorm3d(2)
+        self.fc, self.bn6 = nn.Linear(4 + 2, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
+        x = F.elu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        line = torch.tanh(self.bn4(self.conv4(x.flatten(2))))  # (N, 4, H*W)
+        volume = F.silu(self.bn5(self.conv5(x[:, :1].unsqueeze(1))))  # (N, 2, 1, H, W)
+        features = torch.cat([line.mean(2), volume.flatten(2).mean(2)], 1)
+        return torch.relu(self.bn6(self.fc(features)))
+
+
+def test_signs_move_into_every_kind_of_feeding_layer():
+    model, x = model_and_input(EveryFeedingLayer(), (4, 3, 4, 4))
+    converted, report = convert_to_abn(model)
+    found = records(report)
+    assert all(found[f"bn{i}"].negated_channels > 0 for i in range(1, 7)), report
+    assert report.exact and not any(layer.mode == "unchanged" for layer in report.layers)
+    assert_converted_exactly(model, converted, x)
+
+
 def test_activation_tables_agree_both_ways():
     """The module each activation converts back to is read as that activation again."""
     for name in ACTIVATIONS:
