@@ -93,13 +93,13 @@ _STANDARD_MODULES: dict[str, Callable[[float], nn.Module]] = {
 
 # timm's activation modules and functions (timm/layers/activations*.py) that compute one of the layers'
 # activations; timm builds nn.SiLU, nn.Hardswish... where torch has them, these elsewhere.
-_TIMM_ACTIVATION_CLASSES = {
-    **{key: name for names, name in (
-        (("Swish", "SwishMe"), "silu"), (("Mish", "MishMe"), "mish"), (("Sigmoid",), "sigmoid"), (("Tanh",), "tanh"),
-        (("HardSwish", "HardSwishMe"), "hardswish"), (("HardSigmoid", "HardSigmoidMe"), "hardsigmoid"),
-        (("GELU",), "gelu"), (("GELUTanh",), "gelu_tanh"),
-    ) for submodule in ("activations", "activations_me") for key in _timm_keys(submodule, *names)},
+_TIMM_ACTIVATION_CLASS_NAMES = {
+    "Swish": "silu", "SwishMe": "silu", "Mish": "mish", "MishMe": "mish", "Sigmoid": "sigmoid", "Tanh": "tanh",
+    "HardSwish": "hardswish", "HardSwishMe": "hardswish", "HardSigmoid": "hardsigmoid",
+    "HardSigmoidMe": "hardsigmoid", "GELU": "gelu", "GELUTanh": "gelu_tanh",
 }
+_TIMM_ACTIVATION_CLASSES = {key: name for cls, name in _TIMM_ACTIVATION_CLASS_NAMES.items()
+                            for submodule in ("activations", "activations_me") for key in _timm_keys(submodule, cls)}
 _TIMM_ACTIVATION_FUNCTIONS = {
     "swish": "silu", "swish_me": "silu", "mish": "mish", "mish_me": "mish", "sigmoid": "sigmoid", "tanh": "tanh",
     "hard_swish": "hardswish", "hard_swish_me": "hardswish", "hard_sigmoid": "hardsigmoid",
