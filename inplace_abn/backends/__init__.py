@@ -45,7 +45,7 @@ def _triton_runs(activation, shortcut, recompute: bool) -> bool:
     return not recompute and shortcut is None and (activation is None or activation.name in TRITON_ACTIVATIONS)
 
 
-#: activations the Triton kernels implement
+#: activations the Triton kernels implement (their ``_activate``); the others run the eager math on CUDA
 TRITON_ACTIVATIONS = ("leaky_relu", "elu", "identity")
 
 

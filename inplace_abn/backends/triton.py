@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..activations import Activation
-from . import eager
+from . import TRITON_ACTIVATIONS, eager
 
 Tensor = torch.Tensor
 
@@ -462,6 +462,12 @@ def _eager_only(x: Tensor) -> bool:
     )
 
 
+def _covered(x: Tensor, activation: Activation, shortcut=None, bits=None) -> bool:
+    """Whether the kernels compute this call: no shortcut or branch bits (the residual form and the
+    piecewise activations run the eager math), an activation they implement, a tensor they walk."""
+    return shortcut is None and bits is None and activation.name in TRITON_ACTIVATIONS and not _eager_only(x)
+
+
 def _device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -598,10 +604,10 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         return _launch_batch_stats(x, walk)
 
 
-def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Activation) -> None:
+def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None) -> None:
     """``act(gamma * (x - mean) / sqrt(var + eps) + b)`` written over ``x``."""
-    if _eager_only(x):
-        return eager.normalize_activate_(x, mean, var, weight, bias, eps, activation)
+    if not _covered(x, activation, shortcut):
+        return eager.normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut)
     work, walk = _with_walk(x)
     with _device(x):
         _launch_normalize_activate(work, walk, mean, var, weight, bias, eps, activation)
@@ -610,12 +616,13 @@ def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Acti
 
 
 def forward_train_(
-    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0
+    x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0,
+    shortcut=None,
 ) -> tuple[Tensor, Tensor]:
     """Batch statistics, then normalize + activate in place; returns (mean, biased var). Given
     running statistics, also updates them."""
-    if _eager_only(x):
-        return eager.forward_train_(x, weight, bias, eps, activation, running_mean, running_var, momentum)
+    if not _covered(x, activation, shortcut):
+        return eager.forward_train_(x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
     work, walk = _with_walk(x)
     with _device(x):
         if running_mean is not None and running_var is not None and not (
@@ -631,10 +638,10 @@ def forward_train_(
     return mean, var
 
 
-def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation) -> tuple[Tensor, Tensor]:
+def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation, shortcut=None, bits=None):
     """Per-channel ``sum(dy)`` and ``sum(dy * xhat)``, in float32."""
-    if _eager_only(z):
-        return eager.backward_reduce(z, grad_z, weight, bias, eps, activation)
+    if not _covered(z, activation, shortcut, bits):
+        return eager.backward_reduce(z, grad_z, weight, bias, eps, activation, shortcut, bits)
     z, walk = _with_walk(z)
     grad_z = _like(grad_z, z, walk)
     with _device(z):
@@ -642,22 +649,25 @@ def backward_reduce(z, grad_z, weight, bias, eps: float, activation: Activation)
 
 
 def backward_apply(
-    z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float, activation: Activation
-) -> Tensor:
+    z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float, activation: Activation,
+    shortcut=None, bits=None,
+):
     """``dx`` from the two sums; ``count`` elements per channel, ``None`` for eval mode."""
-    if _eager_only(z):
-        return eager.backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
+    if not _covered(z, activation, shortcut, bits):
+        return eager.backward_apply(z, grad_z, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation,
+                                    shortcut, bits)
     z, walk = _with_walk(z)
     grad_z = _like(grad_z, z, walk)
     with _device(z):
         return _launch_backward_dx(z, grad_z, walk, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation)
 
 
-def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool):
+def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, training: bool, shortcut=None,
+             bits=None):
     """The whole backward on one process: returns ``(dx, grad_weight, grad_bias)`` (as
     ``eager.backward``). Two passes over ``z`` and ``dz`` in training, one in eval mode."""
-    if _eager_only(z):
-        return eager.backward(z, grad_z, var, weight, bias, eps, activation, training)
+    if not _covered(z, activation, shortcut, bits):
+        return eager.backward(z, grad_z, var, weight, bias, eps, activation, training, shortcut, bits)
     z, walk = _with_walk(z)
     grad_z = _like(grad_z, z, walk)
     with _device(z):
@@ -672,6 +682,3 @@ def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, t
         )
         dx = _launch_backward_dx(z, grad_z, walk, var, weight, bias, sum_dy, sum_dy_xhat, walk.count, eps, activation)
         return dx, grad_weight, grad_bias
-        sums = _launch_backward_reduce(z, grad_z, walk, weight, bias, eps, activation, param_grads=param_grads)
-        dx = _launch_backward_dx(z, grad_z, walk, var, weight, bias, sums[0], sums[1], walk.count, eps, activation)
-        return (dx, *sums)
