@@ -13,7 +13,7 @@ from .conversion import ConversionReport, convert_to_abn, convert_to_batchnorm, 
 from .distributed import active_group, set_active_group
 from .functions import abn, channel_gate, inplace_abn, inplace_abn_sync, recompute_abn
 from .modules import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN
-from .recompute import enable_recompute, recompute_scope
+from .recompute import disable_recompute, enable_recompute, recompute_scope
 
 #: Convert a model's ABN / InPlaceABN layers to InPlaceABNSync (see docs/distributed.md).
 convert_sync_abn = InPlaceABNSync.convert_sync_abn
@@ -32,6 +32,7 @@ __all__ = [
     "convert_sync_abn",
     "convert_to_abn",
     "convert_to_batchnorm",
+    "disable_recompute",
     "enable_recompute",
     "functions",
     "fuse_conv_abn",

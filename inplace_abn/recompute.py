@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["enable_recompute", "recompute_scope", "active", "register_recipe", "is_recomputed"]
+__all__ = ["enable_recompute", "disable_recompute", "recompute_scope", "active", "register_recipe", "is_recomputed"]
 
 _RECIPE = "_inplace_abn_recipe"  # attribute of an output tensor: (rebuild, version at creation)
 _state = threading.local()  # saved-tensor hooks are per thread, and so is this depth
@@ -137,4 +137,15 @@ def enable_recompute(model: nn.Module) -> nn.Module:
         model.register_forward_pre_hook(_enter)
         model.register_forward_hook(_exit, always_call=True)
         model._inplace_abn_recompute = True
+    return model
+
+
+def disable_recompute(model: nn.Module) -> nn.Module:
+    """Remove what :func:`enable_recompute` put on ``model`` (also on a deep copy of it); returns ``model``."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if hook is _enter or hook is _exit:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+    vars(model).pop("_inplace_abn_recompute", None)
     return model

@@ -299,3 +299,14 @@ def test_activation_kinds():
     assert make_activation("swish").name == "silu"
     for name in ("relu", "relu6", "hardswish", "hardsigmoid", "sigmoid", "tanh"):
         assert make_activation(name).kind == "lossy"
+
+
+def test_disable_recompute_removes_the_hooks_also_from_a_copy():
+    import copy
+
+    model = enable_recompute(nn.Linear(2, 2))
+    copied = copy.deepcopy(model)
+    inplace_abn.disable_recompute(copied)
+    assert not copied._forward_pre_hooks and not copied._forward_hooks
+    assert len(model._forward_pre_hooks) == 1  # the original keeps its own
+    assert len(enable_recompute(copied)._forward_pre_hooks) == 1  # and it can be enabled again

@@ -116,19 +116,9 @@ def convert_to_batchnorm(model: nn.Module, batch_norm: Callable[..., _BatchNorm]
                 model = replacement
             else:
                 set_submodule(model, region.name, replacement)
-    _without_recompute_hooks(model)
-    return model
-
-
-def _without_recompute_hooks(model: nn.Module) -> None:
-    """Remove what :func:`~inplace_abn.enable_recompute` put on ``model``: standard layers need no
-    recompute hooks, and without them the model loads where this package is not installed."""
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if getattr(hook, "__module__", None) == recompute.__name__:
-                del hooks[key]
-                model._forward_hooks_always_called.pop(key, None)
-    vars(model).pop("_inplace_abn_recompute", None)  # so that enable_recompute installs them again
+    # Standard layers need no recompute hooks, and without them the model loads where this package is not
+    # installed.
+    return recompute.disable_recompute(model)
 
 
 def _standard_layers(layer: ABN, batch_norm: Callable[..., _BatchNorm]) -> nn.Sequential:
