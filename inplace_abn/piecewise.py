@@ -251,12 +251,13 @@ class PiecewiseActivation:
             info = torch.finfo(storage_dtype)
             z_upper_left = min(z_upper_left, -0.5 * info.tiny * info.eps)  # half the smallest subnormal
 
-        t = torch.sqrt(torch.clamp_min(z - z_star, 0.0))
-        guess_right = torch.where(t < self._right_guess.upper, self._right_guess(t), z)
+        z_right = torch.clamp(z, z_star, torch.finfo(dtype).max)  # +inf (an overflowed store) -> max
+        t = torch.sqrt(z_right - z_star)
+        guess_right = torch.where(t < self._right_guess.upper, self._right_guess(t), z_right)
         z_left = torch.clamp(z, z_star, z_upper_left)
         lam = torch.sqrt(torch.clamp_min(-torch.log(z_left * (1.0 / z_star)), 0.0))
         y = torch.where(left, self._left_guess(lam), guess_right)
-        z_target = torch.where(left, z_left, torch.clamp_min(z, z_star))
+        z_target = torch.where(left, z_left, z_right)
 
         # Next to y_star, f' ~ 0 and f(y) - z is rounding noise of size eps |z_star|: a floor on |f'|
         # there keeps a step from amplifying that noise beyond the sqrt(eps) the data allows.

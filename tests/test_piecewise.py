@@ -191,6 +191,8 @@ def test_no_nan_or_inf_for_any_finite_input(name, dtype):
     expected = torch.tensor([act.y_star, act.y_star, act.y_floor[dtype], act.y_floor[dtype]], dtype=dtype)
     near_scale = math.sqrt(torch.finfo(dtype).eps * abs(act.z_star) / act.curvature)  # z_star is ill-conditioned
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=2 * near_scale)
+    # An overflowed store (+inf) comes back as the largest finite y, not as NaN.
+    assert act.inverse(torch.tensor([math.inf], dtype=dtype), torch.tensor([False])).item() == info.max
 
 
 @pytest.mark.parametrize("name", ["silu", "mish"])
