@@ -1,7 +1,7 @@
 """SiLU, GELU (erf and tanh forms) and Mish rebuilt from their output plus one bit per element.
 
 Each is monotonic on both sides of its minimum ``y_star`` (METHOD.md section 8b): the bit says the
-side, and a Halley step from a close first guess inverts it there. Pure torch elementwise math.
+side, and third-order steps from a close first guess invert it there (docs/activations.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 # The activations' math is written once, for both Python floats (the constants and the first-guess
-# fits computed at import) and tensors (the Halley steps of `inverse`): these are the only functions
+# fits computed at import) and tensors (the refinement steps of `inverse`): these are the only functions
 # the formulas call besides arithmetic.
 _FLOAT_OPS = SimpleNamespace(exp=math.exp, erfc=math.erfc, clamp=lambda x, lo, hi: min(max(x, lo), hi))
 _TENSOR_OPS = SimpleNamespace(exp=torch.exp, erfc=torch.erfc, clamp=torch.clamp)
@@ -46,10 +46,16 @@ def _gelu_terms(y, ops):
     return y * cdf, cdf + yc * pdf, pdf * (2.0 - yc * yc)
 
 
+def _exp_limit(y) -> float:
+    """The largest argument whose exp is finite, with margin, in y's dtype (Python floats: float64)."""
+    return 88.0 if isinstance(y, Tensor) and y.dtype == torch.float32 else 709.0
+
+
 def _gelu_tanh_terms(y, ops):
     # 0.5 * (1 + tanh(u)) == sigmoid(2u), which does not cancel for negative u.
-    yc = ops.clamp(y, -10.0, 10.0)
-    two_u = 2.0 * _SQRT_2_OVER_PI * (yc + _GELU_TANH_CUBIC * yc * yc * yc)
+    yc = ops.clamp(y, -1e4, 1e4)  # keeps yc**3 finite
+    limit = _exp_limit(y)
+    two_u = ops.clamp(2.0 * _SQRT_2_OVER_PI * (yc + _GELU_TANH_CUBIC * yc * yc * yc), -limit, limit)
     d_two_u = 2.0 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * yc * yc)
     e = ops.exp(-two_u)
     gate = 1.0 / (1.0 + e)
@@ -129,11 +135,11 @@ class _BranchGuess:
     """First guess on one branch: ``y = y_star + sign * v * Q(v)``, Q a piecewise polynomial.
 
     ``v`` is a variable in which the inverse is smooth and ~linear at the minimum (so the guess is
-    accurate relative to ``|y - y_star|``, as Halley's method needs next to a double root):
+    accurate relative to ``|y - y_star|``, as the refinement needs next to the double root):
     ``t = sqrt(z - z_star)`` on the right branch, ``sqrt(log(z_star / z))`` on the left one.
     """
 
-    DEGREE = 8
+    DEGREE = 6
 
     def __init__(self, exact_inverse: Callable[[float], float], y_star: float, sign: float,
                  breakpoints: Sequence[float]):
@@ -147,22 +153,29 @@ class _BranchGuess:
         self.upper = breakpoints[-1]
 
     def __call__(self, v: Tensor) -> Tensor:
-        q = None
-        for lo, hi, coefficients in reversed(self.pieces):
-            half = 0.5 * (hi - lo)
-            x = torch.clamp(v, lo, hi) * (1.0 / half) - (lo + half) / half
-            p = x * coefficients[0] + coefficients[1]
-            for c in coefficients[2:]:
-                p = p * x + c
-            q = p if q is None else torch.where(v < hi, p, q)
+        """The guess at v in [0, upper]. One Horner evaluation whose coefficients are selected per
+        element (a blend per coefficient and piece), cheaper than evaluating every piece."""
+        lo, hi, coefficients = self.pieces[-1]
+        scale, offset = torch.full_like(v, 2.0 / (hi - lo)), torch.full_like(v, -(hi + lo) / (hi - lo))
+        selected = [torch.full_like(v, c) for c in coefficients]
+        for lo, hi, coefficients in reversed(self.pieces[:-1]):
+            in_piece = v < hi
+            scale = torch.where(in_piece, 2.0 / (hi - lo), scale)
+            offset = torch.where(in_piece, -(hi + lo) / (hi - lo), offset)
+            selected = [torch.where(in_piece, c, s) for c, s in zip(coefficients, selected)]
+        x = v * scale + offset
+        q = selected[0] * x + selected[1]
+        for c in selected[2:]:
+            q = q * x + c
         return self.y_star + self.sign * v * q
 
 
-_RIGHT_BREAKPOINTS = (0.0, 1.5, 4.0)  # in t; beyond t = 4 (z > 15.7) y = z to within 2e-6
+_RIGHT_BREAKPOINTS = (0.0, 1.5, 4.0)  # in t; beyond t = 4 (z > 15.7) y = z to within 3e-6
 _LEFT_BREAKPOINTS = (0.0, 2.0, 6.0)  # in sqrt(log(z_star / z)), continued to the float64 floor
 
-#: Halley steps after the first guess (guess error <~ 1e-4 relative; each step cubes it).
-HALLEY_STEPS = {torch.float32: 1, torch.float64: 2}
+#: Third-order (Chebyshev's method, Halley's sibling) steps after the first guess, whose error is
+#: <~ 3e-4 relative: each step cubes it, so one reaches float32's rounding and two float64's.
+REFINEMENT_STEPS = {torch.float32: 1, torch.float64: 2}
 
 
 class PiecewiseActivation:
@@ -184,7 +197,7 @@ class PiecewiseActivation:
         # 1 + erf(y / sqrt 2) is 0 or a multiple of eps / 2: `resolution_limited`) or so small that the
         # gate underflows to subnormals (SiLU, Mish). z on the left is clamped to at most f(y_floor).
         self.y_floor = {}
-        for dtype in HALLEY_STEPS:
+        for dtype in REFINEMENT_STEPS:
             info = torch.finfo(dtype)
             gate_floor = info.eps / 4 if resolution_limited else info.tiny
             self.y_floor[dtype] = _solve_monotonic(self._gate, gate_floor, -709.0, -2.0)
@@ -239,23 +252,29 @@ class PiecewiseActivation:
         stored in, if coarser, e.g. float16) rounds to zero. Traceable: elementwise ops only, a fixed
         number of steps.
         """
-        if z.dtype not in HALLEY_STEPS:
+        if z.dtype not in REFINEMENT_STEPS:
             raise TypeError(f"inverse computes in float32 or float64; got z of dtype {z.dtype}: upcast "
                             "float16/bfloat16 with z.float() and pass storage_dtype=z's original dtype.")
         if left.dtype != torch.bool:
             raise TypeError(f"left must be a bool tensor (the branch bits); got dtype {left.dtype}")
         dtype = z.dtype
         y_star, z_star = self.y_star, self.z_star
-        z_upper_left = self._terms(self.y_floor[dtype], _FLOAT_OPS)[0]
+        z_upper_left = self._f(self.y_floor[dtype])
         if storage_dtype is not None:
             info = torch.finfo(storage_dtype)
             z_upper_left = min(z_upper_left, -0.5 * info.tiny * info.eps)  # half the smallest subnormal
 
         z_right = torch.clamp(z, z_star, torch.finfo(dtype).max)  # +inf (an overflowed store) -> max
         t = torch.sqrt(z_right - z_star)
-        guess_right = torch.where(t < self._right_guess.upper, self._right_guess(t), z_right)
+        upper = self._right_guess.upper
+        guess_right = torch.where(t < upper, self._right_guess(torch.clamp_max(t, upper)), z_right)
         z_left = torch.clamp(z, z_star, z_upper_left)
         lam = torch.sqrt(torch.clamp_min(-torch.log(z_left * (1.0 / z_star)), 0.0))
+        y_floor = self.y_floor[dtype]
+
+        def onto_branch(y):
+            return torch.where(left, torch.clamp(y, y_floor, y_star), torch.clamp_min(y, y_star))
+
         y = torch.where(left, self._left_guess(lam), guess_right)
         z_target = torch.where(left, z_left, z_right)
 
@@ -263,7 +282,7 @@ class PiecewiseActivation:
         # there keeps a step from amplifying that noise beyond the sqrt(eps) the data allows.
         eps = torch.finfo(dtype).eps
         slope_floor = math.sqrt(self.curvature * eps * abs(z_star))
-        for _ in range(HALLEY_STEPS[dtype]):
+        for _ in range(REFINEMENT_STEPS[dtype]):
             f, f1, f2 = self._terms(y, _TENSOR_OPS)
             near = (y - y_star).abs() < 1.0
             floor = torch.where(near, torch.full_like(y, slope_floor), torch.zeros_like(y))
@@ -272,8 +291,7 @@ class PiecewiseActivation:
             newton = (f - z_target) * inv_f1
             # Chebyshev's form of a third-order step: newton * (1 + newton f'' / 2f'), one division.
             correction = torch.clamp(0.5 * newton * f2 * inv_f1, -0.5, 0.5)
-            y = y - newton * (1.0 + correction)
-            y = torch.where(left, torch.clamp(y, self.y_floor[dtype], y_star), torch.clamp_min(y, y_star))
+            y = onto_branch(y - newton * (1.0 + correction))
         return y
 
 
@@ -288,21 +306,53 @@ gelu_tanh = PiecewiseActivation(
 )
 mish = PiecewiseActivation("mish", _mish_terms, F.mish, torch.ops.aten.mish_backward, resolution_limited=False)
 
-#: The piecewise-invertible activations by name.
+#: The piecewise-invertible activations by name, with PyTorch's forward.
 PIECEWISE = {a.name: a for a in (silu, gelu, gelu_tanh, mish)}
 
 
+def _gelu_erfc_forward(y: Tensor) -> Tensor:
+    return 0.5 * y * torch.erfc(y * -math.sqrt(0.5))
+
+
+def _gelu_tanh_sigmoid_forward(y: Tensor) -> Tensor:
+    return y * torch.sigmoid(2.0 * _SQRT_2_OVER_PI * (y + _GELU_TANH_CUBIC * y * y * y))
+
+
+# PyTorch computes GELU as y/2 * (1 + erf(y / sqrt 2)) (and 1 + tanh(u) for approximate="tanh"):
+# below y ~ -4 (float32) / -6 (float64) the sum cancels, z keeps a few bits or none, and y cannot be
+# rebuilt from it. The same functions computed without the cancellation are as accurate as
+# PyTorch's everywhere else (they differ from it by less than its own error) and stay invertible
+# down to the gate's underflow: the forward to use where the layer must be exact in the left tail.
+gelu_erfc = PiecewiseActivation(
+    "gelu_erfc", _gelu_terms, _gelu_erfc_forward, gelu._derivative, resolution_limited=False,
+)
+gelu_tanh_sigmoid = PiecewiseActivation(
+    "gelu_tanh_sigmoid", _gelu_tanh_terms, _gelu_tanh_sigmoid_forward, gelu_tanh._derivative, resolution_limited=False,
+)
+
+#: GELU's two forms computed without cancellation, keyed by the PyTorch activation they evaluate.
+CANCELLATION_FREE = {"gelu": gelu_erfc, "gelu_tanh": gelu_tanh_sigmoid}
+
+
 # --- one bit per element ----------------------------------------------------------------------------
+# Layout: the mask, flattened in its logical (row-major) order and zero-padded to 8 m elements
+# (m = ceil(n / 8) bytes), is cut into 8 planes of m; bit k of byte j is element k * m + j. Element i
+# thus sits in byte i % m: contiguous elements read contiguous bytes, which a compiler vectorizes
+# (with 8 consecutive elements per byte, element i reads byte i // 8: a gather that Inductor's CPU
+# kernels run scalar, 20x slower fused with a consumer). Bit arithmetic is in int32 for the same
+# reason (uint8 arithmetic is not vectorized there either).
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """Pack a bool tensor, any shape and layout, into uint8: 8 elements per byte, in the logical
-    (row-major) order of ``mask``, the first element in the lowest bit; the last byte zero-padded."""
+    """Pack a bool tensor, any shape and layout, into ``ceil(numel / 8)`` uint8 bytes (layout above)."""
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_bits takes a bool mask; got dtype {mask.dtype}")
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = F.pad(flat, (0, (-flat.numel()) % 8))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    flat = mask.reshape(-1).to(torch.int32)
+    count = flat.numel()
+    planes = F.pad(flat, (0, (-count) % 8)).view(8, -1)
+    packed = planes[0]
+    for k in range(1, 8):
+        packed = packed | (planes[k] << k)
+    return packed.to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
@@ -314,6 +364,6 @@ def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
     if packed.numel() != (count + 7) // 8:
         raise ValueError(f"{packed.numel()} packed bytes do not hold shape {tuple(shape)}: that needs "
                          f"{(count + 7) // 8} bytes ({count} bits)")
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = torch.bitwise_and(torch.bitwise_right_shift(packed.unsqueeze(1), shifts), 1)
-    return bits.reshape(-1)[:count].reshape(shape).bool()
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device).view(8, 1)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(packed.to(torch.int32).view(1, -1), shifts), 1)
+    return bits.reshape(-1)[:count].reshape(shape) != 0
