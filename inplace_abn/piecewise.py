@@ -154,18 +154,20 @@ class _BranchGuess:
 
     def __call__(self, v: Tensor) -> Tensor:
         """The guess at v in [0, upper]. One Horner evaluation whose coefficients are selected per
-        element (a blend per coefficient and piece), cheaper than evaluating every piece."""
-        lo, hi, coefficients = self.pieces[-1]
-        scale, offset = torch.full_like(v, 2.0 / (hi - lo)), torch.full_like(v, -(hi + lo) / (hi - lo))
-        selected = [torch.full_like(v, c) for c in coefficients]
-        for lo, hi, coefficients in reversed(self.pieces[:-1]):
+        element (a blend per coefficient and piece boundary), cheaper than evaluating every piece."""
+        # (scale, offset) of x = v * scale + offset in [-1, 1], then the coefficients, per piece.
+        constants = [[2.0 / (hi - lo), -(hi + lo) / (hi - lo)] + coefficients for lo, hi, coefficients in self.pieces]
+        selected = constants[-1]
+        for (_, hi, _), piece_constants in zip(reversed(self.pieces[:-1]), reversed(constants[:-1])):
             in_piece = v < hi
-            scale = torch.where(in_piece, 2.0 / (hi - lo), scale)
-            offset = torch.where(in_piece, -(hi + lo) / (hi - lo), offset)
-            selected = [torch.where(in_piece, c, s) for c, s in zip(coefficients, selected)]
+            selected = [torch.where(in_piece, c, s) for c, s in zip(piece_constants, selected)]
+        if len(self.pieces) == 1:
+            selected = [torch.full_like(v, c) for c in selected]
+        selected = [s.to(v.dtype) for s in selected]  # where(mask, float, float) has the default dtype
+        scale, offset, first, *rest = selected
         x = v * scale + offset
-        q = selected[0] * x + selected[1]
-        for c in selected[2:]:
+        q = first * x + rest[0]
+        for c in rest[1:]:
             q = q * x + c
         return self.y_star + self.sign * v * q
 
@@ -173,9 +175,16 @@ class _BranchGuess:
 _RIGHT_BREAKPOINTS = (0.0, 1.5, 4.0)  # in t; beyond t = 4 (z > 15.7) y = z to within 3e-6
 _LEFT_BREAKPOINTS = (0.0, 2.0, 6.0)  # in sqrt(log(z_star / z)), continued to the float64 floor
 
-#: Third-order (Chebyshev's method, Halley's sibling) steps after the first guess, whose error is
-#: <~ 3e-4 relative: each step cubes it, so one reaches float32's rounding and two float64's.
-REFINEMENT_STEPS = {torch.float32: 1, torch.float64: 2}
+#: The first guess's largest error, relative to max(1, |y|) and, next to y_star, to |y - y_star|
+#: (measured; tests/test_piecewise.py holds it).
+GUESS_ERROR = 4e-4
+
+#: Third-order steps (Chebyshev's method, Halley's sibling) after the first guess, by the dtype z
+#: is computed in, or stored in when coarser: each step cubes the guess error, so one reaches
+#: float32's rounding and two float64's; bfloat16's rounding (eps 8e-3) is 20x the guess error
+#: already, so z stored in bfloat16 needs none. float16's (eps 1e-3) does need one.
+REFINEMENT_STEPS = {torch.float64: 2, torch.float32: 1, torch.float16: 1, torch.bfloat16: 0}
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 class PiecewiseActivation:
@@ -197,7 +206,7 @@ class PiecewiseActivation:
         # 1 + erf(y / sqrt 2) is 0 or a multiple of eps / 2: `resolution_limited`) or so small that the
         # gate underflows to subnormals (SiLU, Mish). z on the left is clamped to at most f(y_floor).
         self.y_floor = {}
-        for dtype in REFINEMENT_STEPS:
+        for dtype in COMPUTE_DTYPES:
             info = torch.finfo(dtype)
             gate_floor = info.eps / 4 if resolution_limited else info.tiny
             self.y_floor[dtype] = _solve_monotonic(self._gate, gate_floor, -709.0, -2.0)
@@ -249,10 +258,10 @@ class PiecewiseActivation:
         ``z`` outside the branch's range (rounding can give ``z < z_star``, or ``z >= 0`` on the left)
         is clamped into it. Where the left branch's ``z`` is 0 or too small to resolve, ``y`` is the
         edge of what the data allows: ``y_floor[z.dtype]``, or where ``storage_dtype`` (the dtype z was
-        stored in, if coarser, e.g. float16) rounds to zero. Traceable: elementwise ops only, a fixed
-        number of steps.
+        stored in, if coarser, e.g. float16) rounds to zero; z stored in bfloat16 skips the refinement
+        (REFINEMENT_STEPS). Traceable: elementwise ops only, a fixed number of steps.
         """
-        if z.dtype not in REFINEMENT_STEPS:
+        if z.dtype not in COMPUTE_DTYPES:
             raise TypeError(f"inverse computes in float32 or float64; got z of dtype {z.dtype}: upcast "
                             "float16/bfloat16 with z.float() and pass storage_dtype=z's original dtype.")
         if left.dtype != torch.bool:
@@ -260,9 +269,11 @@ class PiecewiseActivation:
         dtype = z.dtype
         y_star, z_star = self.y_star, self.z_star
         z_upper_left = self._f(self.y_floor[dtype])
+        steps = REFINEMENT_STEPS[dtype]
         if storage_dtype is not None:
             info = torch.finfo(storage_dtype)
             z_upper_left = min(z_upper_left, -0.5 * info.tiny * info.eps)  # half the smallest subnormal
+            steps = min(steps, REFINEMENT_STEPS.get(storage_dtype, steps))
 
         z_right = torch.clamp(z, z_star, torch.finfo(dtype).max)  # +inf (an overflowed store) -> max
         t = torch.sqrt(z_right - z_star)
@@ -282,7 +293,7 @@ class PiecewiseActivation:
         # there keeps a step from amplifying that noise beyond the sqrt(eps) the data allows.
         eps = torch.finfo(dtype).eps
         slope_floor = math.sqrt(self.curvature * eps * abs(z_star))
-        for _ in range(REFINEMENT_STEPS[dtype]):
+        for _ in range(steps):
             f, f1, f2 = self._terms(y, _TENSOR_OPS)
             near = (y - y_star).abs() < 1.0
             floor = torch.where(near, torch.full_like(y, slope_floor), torch.zeros_like(y))

@@ -196,6 +196,29 @@ def test_well_conditioned_accuracy_targets(name, dtype):
     assert error[~far].max() <= 2.0 * near_scale
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_first_guess_error_and_bfloat16_storage(name):
+    """z stored in bfloat16 skips the refinement: the result is the first guess, within GUESS_ERROR
+    (relative to max(1, |y|), and to |y - y_star| next to y_star), far below bfloat16's rounding."""
+    act = ACTIVATIONS[name]
+    y = sample_y(act, torch.float64).double()
+    # Where bfloat16 holds z (its underflow edge on the left) and float64 z resolves y (not at y_star).
+    edge = act.inverse(torch.tensor([-0.0], dtype=torch.float64), torch.tensor([True]), storage_dtype=torch.bfloat16)
+    y = y[(y >= edge.item()) & (y <= 1e30) & ((y - act.y_star).abs() > 1e-4)]
+    z = reference_f(name, y)
+    guess = act.inverse(z, y < act.y_star, storage_dtype=torch.bfloat16)
+    scale = torch.minimum(y.abs().clamp_min(1.0), (y - act.y_star).abs())
+    assert ((guess - y).abs() / scale).max() <= piecewise.GUESS_ERROR
+    in_float32 = y >= act.y_floor[torch.float32]  # computed in float32 from here on
+    y, z = y[in_float32], z[in_float32]
+    z_bf16 = z.to(torch.bfloat16).float()
+    y_back = act.inverse(z_bf16, y < act.y_star, storage_dtype=torch.bfloat16).double()
+    z_error = (z_bf16.double() - z).abs() + torch.finfo(torch.float32).tiny
+    bound = conditioning_bound(name, y, z_error, torch.float32)
+    scale = torch.minimum(y.abs().clamp_min(1.0), (y - act.y_star).abs())
+    assert ((y_back - y).abs() <= 2.0 * bound + piecewise.GUESS_ERROR * scale).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", NAMES)
 def test_no_nan_or_inf_for_any_finite_input(name, dtype):
