@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import piecewise
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -33,15 +34,6 @@ LOSSY = ("relu", "relu6", "hardswish", "hardsigmoid", "sigmoid", "tanh")
 ACTIVATIONS = INVERTIBLE + PIECEWISE + LOSSY
 _ALIASES = {"none": "identity", "swish": "silu", "hard_swish": "hardswish", "hard_sigmoid": "hardsigmoid"}
 _PARAMETRIZED = ("leaky_relu", "elu")
-
-
-def _piecewise_math():
-    """:mod:`inplace_abn.piecewise` (the branch inverses), or None while it is not part of the package."""
-    if importlib.util.find_spec("inplace_abn.piecewise") is None:
-        return None
-    from . import piecewise
-
-    return piecewise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +51,7 @@ class Activation:
         if self.name in INVERTIBLE:
             return "invertible"
         if self.name in PIECEWISE:
-            return "piecewise" if _piecewise_math() is not None else "lossy"
+            return "piecewise"
         return "lossy"
 
     @property
@@ -133,12 +125,26 @@ class Activation:
 
     # --- in place: from the output --------------------------------------------------------------
 
+    def forward_in_place(self, y: Tensor) -> Tensor:
+        """The output an in-place layer stores: :meth:`forward`, except for GELU, computed without
+        PyTorch's cancellation in ``1 + erf`` (``1 + tanh``), which would leave the left tail's output
+        without the digits its input is rebuilt from (it differs from ``F.gelu`` by less than
+        ``F.gelu``'s own rounding error; docs/activations.md)."""
+        if self.name in piecewise.CANCELLATION_FREE:
+            return piecewise.CANCELLATION_FREE[self.name].forward(y)
+        return self.forward(y)
+
+    def _piecewise(self):
+        return piecewise.CANCELLATION_FREE.get(self.name) or piecewise.PIECEWISE[self.name]
+
     def branch(self, y: Tensor) -> Tensor:
         """Piecewise activations: the side of the minimum each element of ``y`` is on (True: left)."""
-        return _piecewise_math().branch(self.name, y)
+        return self._piecewise().branch(y)
 
-    def inverse(self, z: Tensor, left: Optional[Tensor] = None) -> Tensor:
-        """``y`` from ``z = act(y)`` (and, for a piecewise activation, the :meth:`branch` mask)."""
+    def inverse(self, z: Tensor, left: Optional[Tensor] = None, storage_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``y`` from ``z = act(y)`` (the :meth:`forward_in_place` output); a piecewise activation also
+        needs the :meth:`branch` mask, and ``storage_dtype``, the dtype ``z`` was stored in when coarser
+        than its dtype here (float16, bfloat16)."""
         if self.name == "leaky_relu":
             return torch.where(z >= 0, z, z * (1.0 / self.param))  # a product is cheaper than a quotient
         if self.name == "elu":
@@ -147,7 +153,7 @@ class Activation:
             ratio = torch.clamp_min(z * (1.0 / self.param), -1.0 + torch.finfo(z.dtype).eps)
             return torch.where(z >= 0, z, torch.log1p(ratio))
         if self.kind == "piecewise":
-            return _piecewise_math().inverse(self.name, z, left)
+            return self._piecewise().inverse(z, left, storage_dtype)
         if self.name == "identity":
             return z
         raise ValueError(f"{self.name} is not invertible: its input cannot be rebuilt from its output")

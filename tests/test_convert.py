@@ -41,9 +41,11 @@ def records(report):
     return {layer.name: layer for layer in report.layers}
 
 
-def mode_of(name, param=0.0):
-    """The mode the converter must choose for a norm reading a fresh conv output nothing else uses."""
-    return "recompute" if make_activation(name, param).kind == "lossy" else "in place"
+def mode_of(name, param=0.0, piecewise="recompute"):
+    """The mode the converter must choose for a norm reading a fresh conv output nothing else uses: in
+    place for an invertible activation (and a piecewise one with ``piecewise="in_place"``)."""
+    kind = make_activation(name, param).kind
+    return "in place" if kind == "invertible" or (kind == "piecewise" and piecewise == "in_place") else "recompute"
 
 
 # --- small models shaped like torchvision's ResNet (tests/test_export.py uses them too) -------------
@@ -177,6 +179,20 @@ def test_every_form_of_every_activation_merges_exactly(act, expected, rtol):
     assert report.exact and layer.negated_channels > 0
     assert set(converted.state_dict()) == set(model.state_dict())
     assert_converted_exactly(model, converted, x, rtol)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Mish()], ids=lambda a: repr(a))
+def test_piecewise_activations_in_place_on_request(act):
+    """``piecewise="in_place"``: silu, gelu and mish layers write over their input and keep one bit per
+    element; the inversion holds the float64 model to 1e-9 as well."""
+    model, x = model_and_input(ConvNormAct(act), (4, 3, 5, 5))
+    converted, report = convert_to_abn(model, piecewise="in_place")
+    (layer,) = report.layers
+    assert layer.mode == "in place" and isinstance(converted.get_submodule("bn"), InPlaceABN)
+    assert report.exact
+    assert_converted_exactly(model, converted, x, 1e-9)
+    with pytest.raises(ValueError, match="piecewise must be 'recompute'.*or 'in_place'"):
+        convert_to_abn(model, piecewise="bits")
 
 
 class EveryFeedingLayer(nn.Module):

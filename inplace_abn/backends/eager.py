@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .. import piecewise
 from ..activations import Activation
 
 Tensor = torch.Tensor
@@ -81,23 +82,10 @@ def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Acti
     """:func:`normalize_activate` written over ``x``. A piecewise activation also returns the packed
     branch bits of its input (``None`` otherwise)."""
     u = _activation_input(x, mean, var, weight, bias, eps, shortcut)
-    x.copy_(activation.forward(u).to(x.dtype))
+    x.copy_(activation.forward_in_place(u).to(x.dtype))
     if activation.kind == "piecewise":
-        return pack_bits(activation.branch(u))
+        return piecewise.pack_bits(activation.branch(u))
     return None
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """A bool tensor as ``uint8``, 8 elements per byte, in its logical (row-major) order."""
-    from .. import piecewise
-
-    return piecewise.pack_bits(mask)
-
-
-def unpack_bits(packed: Tensor, shape) -> Tensor:
-    from .. import piecewise
-
-    return piecewise.unpack_bits(packed, shape)
 
 
 def update_running_stats_(running_mean, running_var, mean, var, count, momentum) -> None:
@@ -161,7 +149,8 @@ def _from_output(z, grad_z, weight, bias, eps: float, activation: Activation, sh
     gamma, beta = _scale_and_bias(weight, bias, z, eps)
     zc, grad = z.to(gamma.dtype), grad_z.to(gamma.dtype)
     if activation.kind == "piecewise":
-        u = activation.inverse(zc, unpack_bits(bits, z.shape))
+        storage_dtype = z.dtype if z.dtype != zc.dtype else None
+        u = activation.inverse(zc, piecewise.unpack_bits(bits, z.shape), storage_dtype)
         du = activation.grad_from_input(u, grad)
     else:
         u = activation.inverse(zc)

@@ -28,6 +28,7 @@ class _Options:
     relu_slope: float
     sync: bool
     clamp_small_weights: bool
+    piecewise: str
 
 
 @dataclasses.dataclass
@@ -177,6 +178,8 @@ def _mode(found: Match, eval_found: Match, activation: Activation, context: _Con
         return OUT_OF_PLACE
     if activation.kind == "lossy":
         why = f"{activation.name} is lossy (its input cannot be rebuilt from its output)"
+    elif activation.kind == "piecewise" and context.options.piecewise == "recompute":
+        why = f"{activation.name}: rebuilding the output is faster than inverting it (piecewise='in_place' inverts)"
     else:
         why = (_why_not_in_place(found, context.region, context.modules)
                or _why_not_in_place(eval_found, context.region, context.modules))
@@ -303,6 +306,7 @@ def convert_to_abn(
     in_place: bool = True,
     sync: bool = False,
     clamp_small_weights: bool = False,
+    piecewise: str = "recompute",
     sample_input: Optional[SampleInput] = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return a copy of ``model`` in which every BatchNorm is one layer of this package together with the
@@ -316,11 +320,12 @@ def convert_to_abn(
     activation (any module, shared module, function or method; timm's BatchNormAct2d), BatchNorm alone;
     and an SE product of the output, ``x * gate``, becomes ``channel_gate(x, gate)``.
 
-    Which layer: an invertible or piecewise-invertible activation (leaky_relu, elu, identity, silu, gelu,
-    mish) whose input is a fresh tensor nothing else uses -> :class:`~inplace_abn.InPlaceABN`, which writes
-    over its input; a lossy activation (relu, relu6, hardswish, hardsigmoid, sigmoid, tanh) or an input
-    used elsewhere -> ``RecomputeABN``, which keeps its input and rebuilds its output in backward (the
-    model then gets :func:`~inplace_abn.enable_recompute`). Where the model's function cannot be kept
+    Which layer: an invertible activation (leaky_relu, elu, identity) whose input is a fresh tensor
+    nothing else uses -> :class:`~inplace_abn.InPlaceABN`, which writes over its input; a lossy activation
+    (relu, relu6, hardswish, hardsigmoid, sigmoid, tanh), a piecewise-invertible one (silu, gelu, mish;
+    see ``piecewise``) or an input used elsewhere -> ``RecomputeABN``, which keeps its input and rebuilds
+    its output in backward (the model then gets :func:`~inplace_abn.enable_recompute`). Either way one
+    full-size tensor per layer. Where the model's function cannot be kept
     exactly, the BatchNorm stays as it was and the report says why.
 
     Only forwards that change are rewritten, each in the smallest submodule holding the change (an
@@ -341,6 +346,10 @@ def convert_to_abn(
             ``nn.SyncBatchNorm`` and timm's SyncBatchNormAct always become InPlaceABNSync, with their group.
         clamp_small_weights: convert channels with ``|w| < eps`` too, scaling them by eps (not exact);
             by default their BatchNorm stays as it was.
+        piecewise: how silu, gelu, gelu_tanh and mish layers keep what backward needs: ``"recompute"``
+            (default: the input, the output rebuilt by one forward pass; exact) or ``"in_place"`` (the
+            output over the input and one bit per element, inverted by Newton steps: the same memory,
+            2-4x slower on CPU than recompute, float64 error ~1e-13, docs/activations.md).
         sample_input: a tensor or tuple of inputs; with it, the report has the memory before and after
             (training mode: bytes saved for backward, bytes held after the forward and the peak of a
             step, the last two from :class:`~inplace_abn.memory.MemoryProbe`) and the largest output
@@ -350,7 +359,9 @@ def convert_to_abn(
         raise ValueError(f"relu_to must be 'relu' (exact, the default) or 'leaky_relu', got {relu_to!r}.")
     if relu_to == "leaky_relu" and not relu_slope > 0:
         raise ValueError(f"relu_slope must be > 0 to run in place (got {relu_slope}); relu_to='relu' keeps ReLU exactly.")
-    options = _Options(in_place, relu_to, float(relu_slope), sync, clamp_small_weights)
+    if piecewise not in ("recompute", "in_place"):
+        raise ValueError(f"piecewise must be 'recompute' (the default) or 'in_place', got {piecewise!r}.")
+    options = _Options(in_place, relu_to, float(relu_slope), sync, clamp_small_weights, piecewise)
     converted = copy_model(model)
     parameter_uses = collections.Counter(id(p) for _, p in converted.named_parameters(remove_duplicate=False))
     report = ConversionReport(layers=[], relu_to=relu_to)
