@@ -113,7 +113,8 @@ class RecomputeABNFunction(torch.autograd.Function):
         if not training:  # the running statistics may change before backward: keep their values
             mean, var = mean.clone(), var.clone()
         _set_context(ctx, training, eps, activation, group, count, shortcut)
-        ctx.save_for_backward(x, mean, var, weight, bias, shortcut)
+        ctx.save_for_backward(x, weight, bias, shortcut)
+        ctx.mean, ctx.var = mean, var  # per-channel values made here: attributes, not saved tensors
         # A shortcut that is itself rebuilt would make rebuilding chain through the whole stage: the
         # output is then stored (by the ops that save it), which breaks the chain after one link.
         if recompute.active() and (shortcut is None or not recompute.is_recomputed(shortcut)):
@@ -129,7 +130,8 @@ class RecomputeABNFunction(torch.autograd.Function):
 
 def _rebuild_output(ctx) -> Tensor:
     """A :class:`RecomputeABNFunction`'s output, from what its node keeps (one elementwise pass)."""
-    x, mean, var, weight, bias, shortcut = ctx.saved_tensors
+    x, weight, bias, shortcut = ctx.saved_tensors
+    mean, var = ctx.mean, ctx.var
     backend = backends.select(x, ctx.activation, shortcut, recompute=True)
     with torch.no_grad():
         return backend.normalize_activate(x, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut)
@@ -174,7 +176,8 @@ def _backward(ctx, grad_z):
 
 def _recompute_backward(ctx, grad_z):
     """The backward of :class:`RecomputeABNFunction`: rebuilds what it needs from ``x``."""
-    x, mean, var, weight, bias, shortcut = ctx.saved_tensors
+    x, weight, bias, shortcut = ctx.saved_tensors
+    mean, var = ctx.mean, ctx.var
     backend = backends.select(x, ctx.activation, shortcut, recompute=True)
     if grad_z.stride() != x.stride():
         grad_z = torch.empty_like(x).copy_(grad_z)

@@ -33,7 +33,12 @@ def _triton():
 
 def requested() -> str:
     """The backend named by ``INPLACE_ABN_BACKEND``; raises ``ValueError`` for an unknown name."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    return _parse(os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=16)  # read on every call of every layer; the variable may change any time
+def _parse(value) -> str:
+    choice = (value or "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={choice!r} is not a backend: use one of {', '.join(BACKENDS)}.")
     return choice

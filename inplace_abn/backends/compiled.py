@@ -107,14 +107,17 @@ def _compile(fn: Callable, args: tuple, x: torch.Tensor, layout: str) -> Callabl
 def _key(fn: Callable, args: tuple, layout: str) -> Optional[tuple]:
     """What a graph for this call is specialized on; ``None`` when no graph fits the arguments."""
     x = args[0]
-    key = [fn.__name__, layout, tuple(size == 1 for size in x.shape)]
+    rank = x.dim()
+    key = [fn, layout, tuple(size == 1 for size in x.shape)]
     for arg in args:
         if isinstance(arg, torch.Tensor):
-            if arg.dim() == x.dim() and arg is not x and _layout(arg) != layout:
+            dim = arg.dim()
+            if dim == rank and arg is not x and _layout(arg) != layout:
                 return None
-            if arg.dim() == 1 and arg.stride(0) != 1 and arg.shape[0] > 1:  # strided per-channel values
+            if dim == 1 and arg.stride(0) != 1 and arg.shape[0] > 1:  # strided per-channel values
                 return None
-            key.append((arg.dtype, arg.dim()))
+            key.append(arg.dtype)
+            key.append(dim)
         else:
             key.append(arg)
     return tuple(key)
