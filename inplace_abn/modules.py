@@ -277,9 +277,10 @@ class InPlaceABNSync(InPlaceABN):
         The new layers share the old ones' parameters and buffers (an optimizer built before the
         conversion still holds the right tensors) and keep their hyper-parameters, activation and
         train/eval mode, ``batchnorm_weight`` included. An ``ABN`` or ``RecomputeABN`` becomes
-        ``InPlaceABNSync(in_place=False)``, since code written for them may still use their input. Layers that already are ``InPlaceABNSync`` are
-        kept as they are (change their group with :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm``
-        layers are not touched: ``nn.SyncBatchNorm.convert_sync_batchnorm`` handles those.
+        ``InPlaceABNSync(in_place=False)``, since code written for them may still use their input. Layers
+        that already are ``InPlaceABNSync`` are kept as they are (change their group with
+        :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm`` layers are not touched:
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` handles those.
         """
         if isinstance(module, ABN) and not isinstance(module, InPlaceABNSync):
             converted = cls(
