@@ -783,6 +783,8 @@ def abn_model():
                 if module.affine:
                     module.weight.normal_(), module.bias.normal_()
                 module.running_mean.normal_(), module.running_var.uniform_(0.5, 2)
+        assert model[7].batchnorm_weight  # RecomputeABN scales by its weight itself: a zero too
+        model[7].weight[0] = 0.0
     return model
 
 
@@ -792,6 +794,7 @@ def test_convert_to_batchnorm_gives_standard_layers_with_the_same_outputs():
     assert not any(isinstance(m, ABN) for m in standard.modules())
     assert [type(standard[i][1]) for i in (1, 3, 5, 7, 9, 11)] == [nn.LeakyReLU, nn.ELU, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.SiLU]
     assert "1.0.weight" in standard.state_dict() and "9.0.running_var" in standard.state_dict()
+    assert torch.equal(standard[7][0].weight, model[7].weight)  # batchnorm_weight: BatchNorm's weight as it is
     x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
     for training in (True, False):
         model.train(training), standard.train(training)
@@ -857,10 +860,13 @@ def test_fuse_conv_abn_folds_into_every_kind_of_layer():
 
 
 @pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
-def test_fuse_after_convert_matches_the_batchnorm_model(block):
-    model, x = model_and_input(TinyResNet(block, act=lambda inplace: nn.LeakyReLU(0.1, inplace=inplace)))
+@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU], ids=["leaky_relu", "relu"])
+def test_fuse_after_convert_matches_the_batchnorm_model(block, act):
+    """In place (leaky_relu) the folded scale is |w'| + eps; in recompute mode (relu), BatchNorm's weight."""
+    model, x = model_and_input(TinyResNet(block, act=act))
     converted, report = convert_to_abn(model)
     assert any(layer.shortcut for layer in report.layers)
+    assert any(layer.mode == "recompute" for layer in report.layers) == (act is nn.ReLU)
     fused = fuse_conv_abn(converted.eval())
     assert not any(isinstance(m, ABN) for m in fused.modules())
     with torch.no_grad():
