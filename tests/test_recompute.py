@@ -11,7 +11,7 @@ from torch import nn
 
 import inplace_abn
 from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN, channel_gate, enable_recompute, recompute
-from inplace_abn.functions import inplace_abn as inplace_abn_fn, inplace_abn_sync
+from inplace_abn.functions import inplace_abn as inplace_abn_fn, inplace_abn_sync, recompute_abn as recompute_abn_fn
 from inplace_abn.activations import ACTIVATIONS, make_activation
 
 from reference import ReferenceABN
@@ -147,6 +147,25 @@ def test_compiled_backend_batchnorm_weight(monkeypatch):
     model = enable_recompute(ConvNormConv(_layer(RecomputeABN, 4, "relu")).double())
     assert model.norm.batchnorm_weight and model.norm.weight[0] == 0
     _compare_steps(model, _reference_model(model), with_shortcut=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_batchnorm_weight(monkeypatch, training):
+    """With the scale ``w`` itself (no ``|w|`` kink), finite differences agree at ``w = 0`` and ``w < 0`` too."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    shortcut = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([0.0, -1.2, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+
+    def layer(x, weight, bias, shortcut):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the recompute mode outside enable_recompute
+            return recompute_abn_fn(x, weight, bias, running_mean.clone(), running_var.clone(), training,
+                                                    0.1, 1e-5, "elu", 0.7, shortcut=shortcut, batchnorm_weight=True)
+
+    assert torch.autograd.gradcheck(layer, (x, weight, bias, shortcut))
 
 
 def test_layers_writing_in_place_refuse_batchnorm_weight():
