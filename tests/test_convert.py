@@ -540,7 +540,8 @@ class DenseLayer(nn.Module):
 
     def __init__(self, channels, growth, act):
         super().__init__()
-        self.norm1, self.act, self.conv1 = nn.BatchNorm2d(channels), copy.deepcopy(act), nn.Conv2d(channels, growth, 3, padding=1)
+        self.norm1, self.act = nn.BatchNorm2d(channels), copy.deepcopy(act)
+        self.conv1 = nn.Conv2d(channels, growth, 3, padding=1)
 
     def forward(self, features):
         return self.conv1(self.act(self.norm1(torch.cat(features, 1))))
@@ -860,7 +861,8 @@ def test_fuse_conv_abn_folds_into_every_kind_of_layer():
 
 
 @pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
-@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU], ids=["leaky_relu", "relu"])
+@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU],
+                         ids=["leaky_relu", "relu"])
 def test_fuse_after_convert_matches_the_batchnorm_model(block, act):
     """In place (leaky_relu) the folded scale is |w'| + eps; in recompute mode (relu), BatchNorm's weight."""
     model, x = model_and_input(TinyResNet(block, act=act))

@@ -116,7 +116,8 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo, opset):
     torch.testing.assert_close(torch.from_numpy(output), model(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU], ids=["leaky_relu", "relu"])
+@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU],
+                         ids=["leaky_relu", "relu"])
 def test_converted_and_fused_resnet_export(act):
     """A torchvision-style model after convert_to_abn (an fx.GraphModule) scripts, traces and exports;
     so does the same model with the layers folded into its convolutions. With ReLU, the recompute-mode
