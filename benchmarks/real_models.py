@@ -18,6 +18,7 @@ Variants, each its own copy of the same initial weights:
     converted       convert_to_abn(model, relu_to="relu"), the default: exact conversion (ReLU kept, so
                     those layers run in recompute mode)
     leaky           convert_to_abn(model, relu_to="leaky_relu"): ReLU becomes leaky_relu(0.01), in place
+                    (zero-initialized norms too, scaling by eps: clamp_small_weights' default there)
     checkpointed    the whole original model under one non-reentrant torch.utils.checkpoint that saves
                     only convolution outputs (selective checkpointing) and recomputes the rest; its
                     in-place activations run out of place (a saved output must not change)

@@ -26,7 +26,7 @@ class _EffectiveScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, eps):
         ctx.save_for_backward(weight)
-        return weight.abs() + eps
+        return eager.effective_scale(weight, eps)
 
     @staticmethod
     def backward(ctx, grad):
@@ -35,25 +35,26 @@ class _EffectiveScale(torch.autograd.Function):
 
 
 def _forward_stats(backend, x, weight, bias, running_mean, running_var, training, momentum, eps, activation,
-                   group, shortcut, in_place: bool):
+                   group, shortcut, in_place: bool, batchnorm_weight: bool = False):
     """The forward of both Functions: ``(z, mean, var, count, bits)``. In place, ``z`` is ``x``; ``mean``
     and ``var`` are the statistics used (the running ones in eval mode), ``count`` the global element
-    count when synchronized, ``bits`` the packed branch mask of a piecewise activation in place."""
+    count when synchronized, ``bits`` the packed branch mask of a piecewise activation in place.
+    ``batchnorm_weight`` (out of place only): the scale is ``weight`` itself."""
     count, bits = None, None
     if not training:
         mean, var = running_mean, running_var
         if in_place:
             z, bits = x, backend.normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut)
         else:
-            z = backend.normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut)
+            z = backend.normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight)
     elif group is None:  # the running statistics are updated inside, in the same fused pass
-        step = backend.forward_train_ if in_place else backend.forward_train
-        out = step(x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
         if in_place:
-            z, (mean, var, *rest) = x, out
+            z, (mean, var, *rest) = x, backend.forward_train_(x, weight, bias, eps, activation, running_mean,
+                                                              running_var, momentum, shortcut)
             bits = rest[0] if rest else None
         else:
-            z, mean, var = out
+            z, mean, var = backend.forward_train(x, weight, bias, eps, activation, running_mean, running_var, momentum,
+                                                 shortcut, batchnorm_weight)
     else:  # count: the global count, a 0-dim tensor (reading it back would stall CUDA streams)
         mean, var = backend.batch_stats(x)
         mean, var, count = distributed.global_batch_stats(mean, var, x.numel() // x.shape[1], group)
@@ -62,7 +63,7 @@ def _forward_stats(backend, x, weight, bias, running_mean, running_var, training
         if in_place:
             z, bits = x, backend.normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut)
         else:
-            z = backend.normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut)
+            z = backend.normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight)
     return z, mean, var, count, bits
 
 
@@ -102,17 +103,19 @@ class InPlaceABNFunction(torch.autograd.Function):
 class RecomputeABNFunction(torch.autograd.Function):
     """BatchNorm (+ shortcut) + any activation, out of place; saves its input and the per-channel
     statistics, and marks its output to be rebuilt from them wherever a later op saves it
-    (:mod:`inplace_abn.recompute`). Its own backward needs no output either."""
+    (:mod:`inplace_abn.recompute`). Its own backward needs no output either, and never divides by the
+    scale, which may therefore be ``weight`` itself (``batchnorm_weight``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
-                shortcut):
+                shortcut, batchnorm_weight):
         backend = backends.select(x, activation, shortcut, recompute=True)
         z, mean, var, count, _ = _forward_stats(backend, x, weight, bias, running_mean, running_var, training,
-                                                momentum, eps, activation, group, shortcut, in_place=False)
+                                                momentum, eps, activation, group, shortcut, False, batchnorm_weight)
         if not training:  # the running statistics may change before backward: keep their values
             mean, var = mean.clone(), var.clone()
         _set_context(ctx, training, eps, activation, group, count, shortcut)
+        ctx.batchnorm_weight = batchnorm_weight
         ctx.save_for_backward(x, weight, bias, shortcut)
         ctx.mean, ctx.var = mean, var  # per-channel values made here: attributes, not saved tensors
         # A shortcut that is itself rebuilt would make rebuilding chain through the whole stage: the
@@ -134,7 +137,8 @@ def _rebuild_output(ctx) -> Tensor:
     mean, var = ctx.mean, ctx.var
     backend = backends.select(x, ctx.activation, shortcut, recompute=True)
     with torch.no_grad():
-        return backend.normalize_activate(x, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut)
+        return backend.normalize_activate(x, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut,
+                                          ctx.batchnorm_weight)
 
 
 def _grads(ctx, dx, grad_weight, grad_bias, grad_shortcut, weight, bias):
@@ -181,22 +185,23 @@ def _recompute_backward(ctx, grad_z):
     backend = backends.select(x, ctx.activation, shortcut, recompute=True)
     if grad_z.stride() != x.stride():
         grad_z = torch.empty_like(x).copy_(grad_z)
+    batchnorm_weight = ctx.batchnorm_weight
     if ctx.group is None or not ctx.training:
         dx, grad_weight, grad_bias, *grad_shortcut = backend.recompute_backward(
-            x, grad_z, mean, var, weight, bias, ctx.eps, ctx.activation, ctx.training, shortcut
+            x, grad_z, mean, var, weight, bias, ctx.eps, ctx.activation, ctx.training, shortcut, batchnorm_weight
         )
         grad_shortcut = grad_shortcut[0] if grad_shortcut else None
     else:
         sum_dy, sum_dy_xhat = backend.recompute_backward_reduce(
-            x, grad_z, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut
+            x, grad_z, mean, var, weight, bias, ctx.eps, ctx.activation, shortcut, batchnorm_weight
         )
-        grad_weight, grad_bias = eager.param_grads(sum_dy, sum_dy_xhat, weight, bias)
+        grad_weight, grad_bias = eager.param_grads(sum_dy, sum_dy_xhat, weight, bias, batchnorm_weight)
         sum_dy, sum_dy_xhat = distributed.all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group)
         dx, grad_shortcut = _split(backend.recompute_backward_apply(
             x, grad_z, mean, var, weight, bias, sum_dy / ctx.count, sum_dy_xhat / ctx.count, 1, ctx.eps,
-            ctx.activation, shortcut,
+            ctx.activation, shortcut, batchnorm_weight,
         ), ctx.has_shortcut)
-    return _grads(ctx, dx, grad_weight, grad_bias, grad_shortcut, weight, bias)
+    return (*_grads(ctx, dx, grad_weight, grad_bias, grad_shortcut, weight, bias), None)  # + batchnorm_weight
 
 
 _backward_once_differentiable = torch.autograd.function.once_differentiable(_backward)
@@ -205,8 +210,14 @@ _recompute_backward_once_differentiable = torch.autograd.function.once_different
 
 def _check(
     x: Tensor, weight, bias, running_mean, running_var, training: bool, eps: float, in_place: bool,
-    synchronized: bool = False, shortcut=None,
+    synchronized: bool = False, shortcut=None, batchnorm_weight: bool = False,
 ) -> None:
+    if in_place and batchnorm_weight:
+        raise ValueError(
+            "batchnorm_weight=True (scale by weight itself) needs a layer that does not write over its input: "
+            "in place, the backward pass divides by the scale, which must stay positive (|weight| + eps). Use "
+            "RecomputeABN or InPlaceABNSync(in_place=False), which keep the input, or batchnorm_weight=False "
+            "(inplace_abn.convert_to_abn converts BatchNorm weights for in-place layers).")
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor input, got {type(x).__name__}")
     if not 2 <= x.dim() <= 5:
@@ -256,10 +267,11 @@ def _apply(function, args, x: Tensor) -> Tensor:
         return function.apply(*args)
 
 
-def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut=None):
+def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut=None,
+                 batchnorm_weight: bool = False):
     if not activation.in_place:  # a lossy activation: the input is kept instead
         return _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
-                              shortcut)
+                              shortcut, batchnorm_weight)
     if torch.compiler.is_compiling():
         # torch.compile (2.13) returns a wrong input gradient when an in-place autograd.Function
         # overwrites a graph input (the layer first in a compiled region, e.g. after DDP splits the
@@ -271,18 +283,23 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
 
 
 def _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
-                   shortcut=None):
+                   shortcut=None, batchnorm_weight: bool = False):
     if torch.compiler.is_compiling():
         if group is None:  # standard ops: the outer compiler picks what to save and what to recompute
-            return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, shortcut)
+            return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, shortcut,
+                        batchnorm_weight)
     elif torch.is_grad_enabled() and not recompute.active():
         warn_outside_recompute(activation)
-    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut)
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut,
+            batchnorm_weight)
     return _apply(RecomputeABNFunction, args, x)
 
 
-def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation, shortcut=None):
-    scale = _EffectiveScale.apply(weight, eps) if weight is not None else None
+def _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation: Activation, shortcut=None,
+         batchnorm_weight: bool = False):
+    scale = weight
+    if weight is not None and not batchnorm_weight:
+        scale = _EffectiveScale.apply(weight, eps)
     with torch.autocast(x.device.type, enabled=False):
         y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
     if shortcut is not None:
@@ -304,16 +321,18 @@ def batch_norm_act(
     activation: str,
     activation_param: float,
     shortcut: Optional[Tensor] = None,
+    batchnorm_weight: bool = False,
 ) -> Tensor:
-    """The layers' math in standard ops only, out of place: ``F.batch_norm`` with scale ``|w| + eps``,
-    plus the shortcut, then the activation. What TorchScript, ``torch.jit.trace``, ``torch.export`` and
-    ONNX record (the autograd Functions are opaque to them); scriptable. Saves no memory, and under it
-    ``weight.grad`` at ``w == 0`` is 0 (``abs``) where the layers give ``+1``. ``activation``: a name
-    :func:`~inplace_abn.activations.make_activation` accepts (validated when the layer was built).
+    """The layers' math in standard ops only, out of place: ``F.batch_norm`` with scale ``|w| + eps``
+    (``w`` with ``batchnorm_weight``), plus the shortcut, then the activation. What TorchScript,
+    ``torch.jit.trace``, ``torch.export`` and ONNX record (the autograd Functions are opaque to them);
+    scriptable. Saves no memory, and under it ``weight.grad`` at ``w == 0`` is 0 (``abs``) where the
+    layers give ``+1``. ``activation``: a name :func:`~inplace_abn.activations.make_activation` accepts
+    (validated when the layer was built).
     """
     scale: Optional[Tensor] = None
     if weight is not None:
-        scale = weight.abs() + eps
+        scale = eager.effective_scale(weight, eps, batchnorm_weight)
     y = F.batch_norm(x, running_mean, running_var, scale, bias, training, momentum, eps)
     if shortcut is not None:
         y = y + shortcut
@@ -362,15 +381,17 @@ def abn(
     activation_param: float = 0.01,
     *,
     shortcut: Optional[Tensor] = None,
+    batchnorm_weight: bool = False,
 ) -> Tensor:
     """BatchNorm with scale ``|w| + eps``, plus ``shortcut`` if given, then the activation, out of
     place (keeps ``x``, as BatchNorm + activation do).
 
     Same math as :func:`inplace_abn`, so the two are interchangeable with the same weights.
+    ``batchnorm_weight=True`` scales by ``w`` itself instead, as ``nn.BatchNorm``.
     """
     _check(x, weight, bias, running_mean, running_var, training, eps, in_place=False, shortcut=shortcut)
     act = make_activation(activation, activation_param)
-    return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, shortcut)
+    return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, shortcut, batchnorm_weight)
 
 
 def inplace_abn(
@@ -386,6 +407,7 @@ def inplace_abn(
     activation_param: float = 0.01,
     *,
     shortcut: Optional[Tensor] = None,
+    batchnorm_weight: bool = False,
 ) -> Tensor:
     """In-place activated BatchNorm: writes ``act((|w| + eps) * xhat + b (+ shortcut))`` over ``x`` and
     returns it.
@@ -394,11 +416,14 @@ def inplace_abn(
     ``momentum`` (unbiased variance); in eval mode the running statistics are used. Only the output
     is kept for backward (with the shortcut, and one bit per element for silu, gelu and mish). ``x``
     must not be needed by anything else afterwards: see the README. With a lossy activation (relu,
-    hardswish, ...) this is :func:`recompute_abn`, which keeps ``x`` instead.
+    hardswish, ...) this is :func:`recompute_abn`, which keeps ``x`` instead, and only then accepts
+    ``batchnorm_weight=True`` (raises ``ValueError`` otherwise).
     """
     act = make_activation(activation, activation_param)
-    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.in_place, shortcut=shortcut)
-    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None, shortcut)
+    _check(x, weight, bias, running_mean, running_var, training, eps, in_place=act.in_place, shortcut=shortcut,
+           batchnorm_weight=batchnorm_weight)
+    return _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None, shortcut,
+                        batchnorm_weight)
 
 
 def recompute_abn(
@@ -414,15 +439,19 @@ def recompute_abn(
     activation_param: float = 0.0,
     *,
     shortcut: Optional[Tensor] = None,
+    batchnorm_weight: bool = False,
 ) -> Tensor:
     """:func:`abn`'s result, keeping only ``x`` and per-channel statistics for backward: the output is
     rebuilt (one elementwise pass) wherever a later op saved it, when the model runs under
     :func:`inplace_abn.enable_recompute` (:mod:`inplace_abn.recompute`). ``x`` is not modified, so it may
-    be used elsewhere. Exact for any activation.
+    be used elsewhere. Exact for any activation. The scale is ``|w| + eps``, or with
+    ``batchnorm_weight=True`` ``w`` itself (any sign, zero included), as ``nn.BatchNorm``; the layer
+    :class:`~inplace_abn.RecomputeABN` passes ``True`` by default.
     """
     act = make_activation(activation, activation_param)
     _check(x, weight, bias, running_mean, running_var, training, eps, in_place=False, shortcut=shortcut)
-    return _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None, shortcut)
+    return _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, act, None, shortcut,
+                          batchnorm_weight)
 
 
 def inplace_abn_sync(
@@ -440,9 +469,11 @@ def inplace_abn_sync(
     *,
     shortcut: Optional[Tensor] = None,
     in_place: bool = True,
+    batchnorm_weight: bool = False,
 ) -> Tensor:
     """:func:`inplace_abn` (``in_place=False``: :func:`recompute_abn`) with statistics synchronized over
-    ``group`` (default: the whole world).
+    ``group`` (default: the whole world). ``batchnorm_weight=True`` (scale by ``w`` itself) needs a call
+    that does not write in place: ``in_place=False``, or a lossy activation.
 
     Without an initialized process group, or with one process, it is :func:`inplace_abn`.
     """
@@ -450,9 +481,10 @@ def inplace_abn_sync(
     group = distributed.group_to_sync(group) if training else None
     in_place = in_place and act.in_place
     _check(x, weight, bias, running_mean, running_var, training, eps, in_place=in_place,
-           synchronized=group is not None, shortcut=shortcut)
+           synchronized=group is not None, shortcut=shortcut, batchnorm_weight=batchnorm_weight)
     run = _inplace_abn if in_place else _recompute_abn
-    return run(x, weight, bias, running_mean, running_var, training, momentum, eps, act, group, shortcut)
+    return run(x, weight, bias, running_mean, running_var, training, momentum, eps, act, group, shortcut,
+               batchnorm_weight)
 
 
 class _ChannelGateFunction(torch.autograd.Function):

@@ -37,6 +37,11 @@ class ABN(nn.Module):
             ``"identity"`` (alias ``"none"``), ``"silu"`` (alias ``"swish"``), ``"gelu"``, ``"gelu_tanh"``,
             ``"mish"``, ``"relu"``, ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"sigmoid"``, ``"tanh"``.
         activation_param: leaky_relu's negative slope, or elu's alpha (ignored by the others).
+        batchnorm_weight: scale by ``weight`` itself, of any sign or zero, as ``nn.BatchNorm`` does,
+            instead of ``|weight| + eps``. Only for a layer that does not write over its input (``ABN``,
+            :class:`RecomputeABN`, where it is the default, ``InPlaceABNSync(in_place=False)``, an
+            ``InPlaceABN`` with a lossy activation): in place, the backward pass divides by the scale.
+            A BatchNorm state dict then loads with its meaning unchanged.
     """
 
     _version = 2  # that of BatchNorm's state dict: has num_batches_tracked
@@ -52,6 +57,7 @@ class ABN(nn.Module):
         activation: str = "leaky_relu",
         activation_param: float = 0.01,
         *,
+        batchnorm_weight: bool = False,
         device=None,
         dtype=None,
     ):
@@ -68,6 +74,7 @@ class ABN(nn.Module):
         self.track_running_stats = track_running_stats
         self.activation = activation
         self.activation_param = activation_param
+        self._set_batchnorm_weight(batchnorm_weight)
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -84,6 +91,17 @@ class ABN(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    def _writes_in_place(self) -> bool:
+        return False
+
+    def _set_batchnorm_weight(self, batchnorm_weight: bool) -> None:
+        if batchnorm_weight and self._writes_in_place():
+            raise ValueError(
+                f"{type(self).__name__} with activation {describe(self._activation)} writes over its input, and "
+                "its backward pass divides by the scale, which must stay positive (|weight| + eps): "
+                "batchnorm_weight=True needs RecomputeABN, ABN or InPlaceABNSync(in_place=False).")
+        self.batchnorm_weight = bool(batchnorm_weight)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -124,7 +142,7 @@ class ABN(nn.Module):
         running_mean, running_var = self._running_stats()
         return self._function(
             x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
-            self.activation, self.activation_param, shortcut=shortcut,
+            self.activation, self.activation_param, shortcut=shortcut, batchnorm_weight=self.batchnorm_weight,
         )
 
     def _forward_standard_ops(self, x: torch.Tensor, shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -133,14 +151,15 @@ class ABN(nn.Module):
         running_mean, running_var = self._running_stats()
         return functions.batch_norm_act(
             x, self.weight, self.bias, running_mean, running_var, use_batch_stats, momentum, self.eps,
-            self.activation, float(self.activation_param), shortcut,
+            self.activation, float(self.activation_param), shortcut, self.batchnorm_weight,
         )
 
     def extra_repr(self) -> str:
         act = describe(self._activation)
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, activation={act}"
+            f"track_running_stats={self.track_running_stats}, activation={act}, "
+            f"batchnorm_weight={self.batchnorm_weight}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -165,6 +184,9 @@ class InPlaceABN(ABN):
 
     _function = staticmethod(functions.inplace_abn)
 
+    def _writes_in_place(self) -> bool:
+        return self._activation.in_place
+
 
 class RecomputeABN(ABN):
     """BatchNorm + activation that keeps its input and per-channel statistics, not its output: where a
@@ -174,9 +196,29 @@ class RecomputeABN(ABN):
     Exact for any activation, and the input is not modified, so it may also be used elsewhere. The
     memory is saved when the model runs under :func:`inplace_abn.enable_recompute` (what
     :func:`inplace_abn.convert_to_abn` sets up); otherwise the output is stored as after BatchNorm.
+
+    It scales by ``weight`` itself by default (``batchnorm_weight=True``), as ``nn.BatchNorm``: a drop-in
+    for BatchNorm + activation whose BatchNorm state dict loads with the same meaning (negative and zero
+    weights included). ``batchnorm_weight=False`` scales by ``|weight| + eps``, as :class:`InPlaceABN`.
     """
 
     _function = staticmethod(functions.recompute_abn)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        *,
+        batchnorm_weight: bool = True,
+        **factory,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param,
+                         batchnorm_weight=batchnorm_weight, **factory)
 
 
 class InPlaceABNSync(InPlaceABN):
@@ -190,15 +232,20 @@ class InPlaceABNSync(InPlaceABN):
     ``group=None`` synchronizes over the whole world. Without an initialized process group, with
     one process, on a rank outside ``group``, or in eval mode, it behaves as :class:`InPlaceABN` and
     communicates nothing. ``in_place=False`` works as :class:`RecomputeABN`: the input is kept and
-    not modified (what :meth:`convert_sync_abn` gives an ``ABN``, whose input may still be in use).
+    not modified (what :meth:`convert_sync_abn` gives an ``ABN``, whose input may still be in use), and
+    then also takes ``batchnorm_weight=True`` (see :class:`ABN`).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, activation: str = "leaky_relu", activation_param: float = 0.01,
-                 group=None, *, in_place: bool = True, **factory):
+                 group=None, *, in_place: bool = True, batchnorm_weight: bool = False, **factory):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation, activation_param, **factory)
         self.group = group
         self.in_place = in_place
+        self._set_batchnorm_weight(batchnorm_weight)  # checked once in_place is known
+
+    def _writes_in_place(self) -> bool:
+        return self.in_place and self._activation.in_place
 
     def set_group(self, group) -> None:
         """Synchronize over ``group`` from now on (what :func:`~inplace_abn.set_active_group` calls)."""
@@ -215,8 +262,9 @@ class InPlaceABNSync(InPlaceABN):
                 self.activation, self.activation_param)
         if not self.training:  # running statistics, or (untracked) this rank's batch: nothing to share
             function = functions.inplace_abn if self.in_place else functions.recompute_abn
-            return function(*args, shortcut=shortcut)
-        return functions.inplace_abn_sync(*args, self.group, shortcut=shortcut, in_place=self.in_place)
+            return function(*args, shortcut=shortcut, batchnorm_weight=self.batchnorm_weight)
+        return functions.inplace_abn_sync(*args, self.group, shortcut=shortcut, in_place=self.in_place,
+                                          batchnorm_weight=self.batchnorm_weight)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.in_place else ", in_place=False")
@@ -228,16 +276,17 @@ class InPlaceABNSync(InPlaceABN):
 
         The new layers share the old ones' parameters and buffers (an optimizer built before the
         conversion still holds the right tensors) and keep their hyper-parameters, activation and
-        train/eval mode. An ``ABN`` or ``RecomputeABN`` becomes ``InPlaceABNSync(in_place=False)``, since
-        code written for them may still use their input. Layers that already are ``InPlaceABNSync`` are
-        kept as they are (change their group with :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm``
-        layers are not touched: ``nn.SyncBatchNorm.convert_sync_batchnorm`` handles those.
+        train/eval mode, ``batchnorm_weight`` included. An ``ABN`` or ``RecomputeABN`` becomes
+        ``InPlaceABNSync(in_place=False)``, since code written for them may still use their input. Layers
+        that already are ``InPlaceABNSync`` are kept as they are (change their group with
+        :func:`~inplace_abn.set_active_group`). Plain ``nn.BatchNorm`` layers are not touched:
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` handles those.
         """
         if isinstance(module, ABN) and not isinstance(module, InPlaceABNSync):
             converted = cls(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                 module.activation, module.activation_param, group, in_place=isinstance(module, InPlaceABN),
-                device="meta",
+                batchnorm_weight=module.batchnorm_weight, device="meta",
             )
             for name, _ in converted.named_parameters(recurse=False):
                 setattr(converted, name, getattr(module, name))

@@ -38,7 +38,8 @@ def assert_close(actual, expected, rtol, what, floor=0.0):
 def _sign_factors(original, converted, rename):
     """Per parameter of the original, the factor (+1 or -1 per element) its gradient has in the converted
     model: weights the converter negated (a channel's sign moved into the conv before the norm), and the
-    norms' ``weight``, whose sign went there too (a layer's is ``|w| - eps``, scaling by ``|w|``)."""
+    norms' ``weight``, whose sign went there too (a layer's is ``|w| - eps``, scaling by ``|w|``; one with
+    ``batchnorm_weight`` keeps ``w`` itself)."""
     converted_parameters = dict(converted.named_parameters())
     converted_modules = dict(converted.named_modules())
     factors = {}
@@ -47,7 +48,9 @@ def _sign_factors(original, converted, rename):
         owner = converted_modules[rename(name).rpartition(".")[0]]
         one = torch.ones_like(parameter)  # copysign: a negated 0.0 is -0.0, so zeros tell their sign too
         factors[name] = (torch.copysign(one, twin) * torch.copysign(one, parameter)).detach()
-        if isinstance(owner, (ABN, BatchNorm)) and name.endswith("weight"):
+        if isinstance(owner, ABN) and owner.batchnorm_weight and name.endswith("weight"):
+            assert torch.equal(twin, parameter), f"{name} changed, though the layer scales by BatchNorm's weight"
+        elif isinstance(owner, (ABN, BatchNorm)) and name.endswith("weight"):
             scale = twin.abs() + owner.eps if isinstance(owner, ABN) else twin.abs()
             assert_close(scale, parameter.abs(), 1e-12, f"|weight| of {name}")
         else:

@@ -21,7 +21,8 @@ def torch_activation(y, name, param):
 
 
 class ReferenceABN(torch.nn.Module):
-    """nn.BatchNorm with weight ``|w| + eps`` and the activation, in float64."""
+    """nn.BatchNorm with weight ``|w| + eps`` and the activation, in float64; for a layer with
+    ``batchnorm_weight``, plain nn.BatchNorm (weight ``w``) and the activation."""
 
     def __init__(self, layer, rank):
         super().__init__()
@@ -39,9 +40,10 @@ class ReferenceABN(torch.nn.Module):
             self.bn.bias.data.copy_(layer.bias.detach())
             del self.bn.weight
         self.activation, self.param = layer._activation.name, layer._activation.param
+        self.batchnorm_weight = layer.batchnorm_weight
 
     def forward(self, x, shortcut=None):
         if self.raw_weight is not None:
-            self.bn.weight = self.raw_weight.abs() + self.bn.eps
+            self.bn.weight = self.raw_weight if self.batchnorm_weight else self.raw_weight.abs() + self.bn.eps
         y = self.bn(x)
         return torch_activation(y if shortcut is None else y + shortcut, self.activation, self.param)

@@ -176,7 +176,10 @@ def test_every_form_of_every_activation_merges_exactly(act, expected, rtol):
     assert (layer.pattern, layer.mode) == ("norm-act", mode_of(*expected)), layer
     bn = converted.get_submodule("bn")
     assert make_activation(bn.activation, bn.activation_param) == make_activation(*expected)
-    assert report.exact and layer.negated_channels > 0
+    # In place, the signs of the negative weights move into the conv; a recompute-mode layer takes them as
+    # they are (BatchNorm's weight).
+    in_place = layer.mode == "in place"
+    assert report.exact and (layer.negated_channels > 0) == in_place and bn.batchnorm_weight != in_place
     assert set(converted.state_dict()) == set(model.state_dict())
     assert_converted_exactly(model, converted, x, rtol)
 
@@ -197,7 +200,8 @@ def test_piecewise_activations_in_place_on_request(act):
 
 class EveryFeedingLayer(nn.Module):
     """Norms fed by a conv with a bias, a grouped conv, a grouped transposed conv, a linear layer, and
-    1-d and 3-d convs: each takes the signs of its norm's negative weights."""
+    1-d and 3-d convs: each takes the signs of its norm's negative weights (every activation invertible,
+    so every layer runs in place, the only mode that moves signs)."""
 
     def __init__(self):
         super().__init__()
@@ -212,10 +216,10 @@ class EveryFeedingLayer(nn.Module):
         x = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
         x = F.elu(self.bn2(self.conv2(x)))
         x = self.bn3(self.conv3(x))
-        line = torch.tanh(self.bn4(self.conv4(x.flatten(2))))  # (N, 4, H*W)
-        volume = F.silu(self.bn5(self.conv5(x[:, :1].unsqueeze(1))))  # (N, 2, 1, H, W)
+        line = F.elu(self.bn4(self.conv4(x.flatten(2))), 0.5)  # (N, 4, H*W)
+        volume = F.leaky_relu(self.bn5(self.conv5(x[:, :1].unsqueeze(1))), 0.2)  # (N, 2, 1, H, W)
         features = torch.cat([line.mean(2), volume.flatten(2).mean(2)], 1)
-        return torch.relu(self.bn6(self.fc(features)))
+        return F.leaky_relu(self.bn6(self.fc(features)), 0.3)
 
 
 def test_signs_move_into_every_kind_of_feeding_layer():
@@ -223,7 +227,7 @@ def test_signs_move_into_every_kind_of_feeding_layer():
     converted, report = convert_to_abn(model)
     found = records(report)
     assert all(found[f"bn{i}"].negated_channels > 0 for i in range(1, 7)), report
-    assert report.exact and not any(layer.mode == "unchanged" for layer in report.layers)
+    assert report.exact and {layer.mode for layer in report.layers} == {"in place"}
     assert_converted_exactly(model, converted, x)
 
 
@@ -484,7 +488,9 @@ def test_unsafe_places_recompute_and_say_why():
     assert_converted_exactly(model, converted, x)
 
 
-def test_negative_weights_need_a_feeding_layer():
+def test_negative_weights_without_a_feeding_layer_recompute():
+    """After an add, no conv takes the sign of a negative weight, which an in-place layer needs: the norm
+    runs in recompute mode with BatchNorm's weight as it is, exactly; in place once the weights are positive."""
     class AfterAdd(nn.Module):
         def __init__(self):
             super().__init__()
@@ -497,8 +503,11 @@ def test_negative_weights_need_a_feeding_layer():
     with torch.no_grad():
         model.bn.weight.copy_(torch.tensor([1.0, -1.0, 0.5, 2.0]))
     converted, report = convert_to_abn(model)
-    assert not report.converted and "1 channels have a negative weight" in report.layers[0].reason
-    assert type(converted.bn) is nn.BatchNorm2d
+    (layer,) = report.layers
+    assert layer.mode == "recompute" and report.exact and report.recompute
+    assert "recompute: 1 channels have a negative weight" in layer.reason and "writing in place" in layer.reason
+    assert type(converted.bn) is RecomputeABN and converted.bn.batchnorm_weight
+    assert_converted_exactly(model, converted, x)
     with torch.no_grad():
         model.bn.weight.abs_()
     converted, report = convert_to_abn(model)
@@ -506,19 +515,114 @@ def test_negative_weights_need_a_feeding_layer():
     assert_converted_exactly(model, converted, x)
 
 
-def test_weights_below_eps_stay_unless_clamping_is_asked_for():
+def test_weights_below_eps_recompute_unless_clamping_is_asked_for():
+    """|w| < eps (an exact zero too) cannot be an in-place layer's scale |w'| + eps: the norm runs in recompute
+    mode with BatchNorm's weight, exactly; clamp_small_weights=True runs it in place with scale eps there."""
     torch.manual_seed(0)
     model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3), nn.ELU())).double()
     with torch.no_grad():
         model[1].weight.copy_(torch.tensor([1.0, -2e-4, 0.0, 0.5]))
     converted, report = convert_to_abn(model)
     (layer,) = report.layers
-    assert layer.mode == "unchanged" and "2 channels have |weight| < eps=0.001" in layer.reason
-    assert "clamp_small_weights=True" in layer.reason and type(converted[1]) is nn.BatchNorm2d
+    assert layer.mode == "recompute" and report.exact and layer.clamped_channels == 0
+    assert "recompute: 2 channels have |w| < eps=0.001" in layer.reason and "clamp_small_weights=True" in layer.reason
+    assert type(converted[1]) is RecomputeABN and torch.equal(converted[1].weight, model[1].weight)
+    assert_converted_exactly(model, converted, torch.randn(4, 3, 5, 5, dtype=torch.float64))
     converted, report = convert_to_abn(model, clamp_small_weights=True)
     (layer,) = report.layers
-    assert layer.clamped_channels == 2 and not layer.exact and not report.exact
+    assert layer.mode == "in place" and layer.clamped_channels == 2 and not layer.exact and not report.exact
     torch.testing.assert_close(converted[1].weight.abs() + 1e-3, torch.tensor([1.0, 1e-3, 1e-3, 0.5], dtype=torch.float64))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's layer (torchvision's _DenseLayer, shortened): norm -> act -> conv on the concatenation of
+    every earlier feature map, so no conv feeds the norm alone."""
+
+    def __init__(self, channels, growth, act):
+        super().__init__()
+        self.norm1, self.act = nn.BatchNorm2d(channels), copy.deepcopy(act)
+        self.conv1 = nn.Conv2d(channels, growth, 3, padding=1)
+
+    def forward(self, features):
+        return self.conv1(self.act(self.norm1(torch.cat(features, 1))))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, act, layers=2, channels=4, growth=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.layers = nn.ModuleList(DenseLayer(channels + i * growth, growth, act) for i in range(layers))
+        self.norm5 = nn.BatchNorm2d(channels + layers * growth)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(features))
+        return F.relu(self.norm5(torch.cat(features, 1)))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1)], ids=["relu", "leaky_relu"])
+def test_densenet_norms_after_a_concatenation_convert_exactly(act):
+    """Negative weights of a norm after a concatenation have no conv to move into: every such norm becomes
+    a recompute-mode layer with BatchNorm's weight, for relu (lossy anyway) and for leaky_relu (the weights
+    alone keep it from running in place, and the report says so)."""
+    model, x = model_and_input(DenseBlock(act), (2, 3, 6, 6))
+    converted, report = convert_to_abn(model)
+    assert [layer.name for layer in report.layers] == ["layers.0.norm1", "layers.1.norm1", "norm5"]
+    assert {layer.mode for layer in report.layers} == {"recompute"} and report.exact
+    found = records(report)
+    for name in ("layers.0.norm1", "layers.1.norm1"):
+        expected = "relu is lossy" if isinstance(act, nn.ReLU) else "channels have a negative weight"
+        assert expected in found[name].reason and found[name].negated_channels == 0, found[name]
+    assert all(converted.get_submodule(layer.name).batchnorm_weight for layer in report.layers)
+    assert_converted_exactly(model, converted, x)
+
+
+def _zero_init_last(model):
+    """timm's ``zero_init_last``: each residual block's last norm starts with weight 0."""
+    for block in model.modules():
+        if isinstance(block, (BasicBlock, Bottleneck)):
+            nn.init.zeros_(block.bn3.weight if isinstance(block, Bottleneck) else block.bn2.weight)
+    return model
+
+
+def test_zero_initialized_residual_norms_convert_exactly():
+    """A residual block's zero-initialized last norm (|w| < eps in every channel) cannot be an in-place layer's
+    scale: with leaky_relu it runs in recompute mode with BatchNorm's weight, exactly; the other norms in place."""
+    model, x = model_and_input(TinyResNet(Bottleneck, act=lambda inplace: nn.LeakyReLU(0.1, inplace=inplace)))
+    model = _zero_init_last(model)
+    converted, report = convert_to_abn(model)
+    zeroed = {"layer1.0.bn3", "layer1.1.bn3"}
+    assert {layer.name for layer in report.layers if layer.mode == "recompute"} == zeroed
+    assert {layer.mode for layer in report.layers if layer.name not in zeroed} == {"in place"}
+    found = records(report)
+    assert all(f"{converted.get_submodule(name).num_features} channels have |w| < eps" in found[name].reason
+               and found[name].shortcut for name in zeroed)
+    assert report.exact and not any(layer.clamped_channels for layer in report.layers)
+    assert_converted_exactly(model, converted, x)
+
+
+def test_relu_to_leaky_relu_clamps_zero_initialized_norms():
+    """relu_to="leaky_relu" changes the function anyway, so small weights clamp by default: the zero-initialized
+    norms run in place with scale eps, computing the leaky model whose zero weights are eps;
+    clamp_small_weights=False keeps them exact, in recompute mode."""
+    model, x = model_and_input(TinyResNet(Bottleneck))
+    model = _zero_init_last(model)
+    converted, report = convert_to_abn(model, relu_to="leaky_relu", relu_slope=0.1)
+    assert {layer.mode for layer in report.layers} == {"in place"} and not report.recompute
+    clamped = {layer.name: layer.clamped_channels for layer in report.layers if layer.clamped_channels}
+    assert clamped == {"layer1.0.bn3": 16, "layer1.1.bn3": 32}
+    expected = copy.deepcopy(model)
+    for parent in list(expected.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.LeakyReLU(0.1, inplace=True))
+    with torch.no_grad():
+        for name in clamped:
+            expected.get_submodule(name).weight.fill_(expected.get_submodule(name).eps)
+    assert_converted_exactly(expected, converted, x)
+    _, report = convert_to_abn(model, relu_to="leaky_relu", relu_slope=0.1, clamp_small_weights=False)
+    assert {layer.name for layer in report.layers if layer.mode == "recompute"} == set(clamped)
 
 
 def test_untraceable_model_converts_the_parts_that_trace():
@@ -680,6 +784,8 @@ def abn_model():
                 if module.affine:
                     module.weight.normal_(), module.bias.normal_()
                 module.running_mean.normal_(), module.running_var.uniform_(0.5, 2)
+        assert model[7].batchnorm_weight  # RecomputeABN scales by its weight itself: a zero too
+        model[7].weight[0] = 0.0
     return model
 
 
@@ -689,6 +795,7 @@ def test_convert_to_batchnorm_gives_standard_layers_with_the_same_outputs():
     assert not any(isinstance(m, ABN) for m in standard.modules())
     assert [type(standard[i][1]) for i in (1, 3, 5, 7, 9, 11)] == [nn.LeakyReLU, nn.ELU, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.SiLU]
     assert "1.0.weight" in standard.state_dict() and "9.0.running_var" in standard.state_dict()
+    assert torch.equal(standard[7][0].weight, model[7].weight)  # batchnorm_weight: BatchNorm's weight as it is
     x = torch.randn(4, 3, 7, 7, dtype=torch.float64)
     for training in (True, False):
         model.train(training), standard.train(training)
@@ -754,10 +861,14 @@ def test_fuse_conv_abn_folds_into_every_kind_of_layer():
 
 
 @pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
-def test_fuse_after_convert_matches_the_batchnorm_model(block):
-    model, x = model_and_input(TinyResNet(block, act=lambda inplace: nn.LeakyReLU(0.1, inplace=inplace)))
+@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU],
+                         ids=["leaky_relu", "relu"])
+def test_fuse_after_convert_matches_the_batchnorm_model(block, act):
+    """In place (leaky_relu) the folded scale is |w'| + eps; in recompute mode (relu), BatchNorm's weight."""
+    model, x = model_and_input(TinyResNet(block, act=act))
     converted, report = convert_to_abn(model)
     assert any(layer.shortcut for layer in report.layers)
+    assert any(layer.mode == "recompute" for layer in report.layers) == (act is nn.ReLU)
     fused = fuse_conv_abn(converted.eval())
     assert not any(isinstance(m, ABN) for m in fused.modules())
     with torch.no_grad():

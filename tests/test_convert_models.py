@@ -191,6 +191,38 @@ def test_real_model_converts_exactly(build, structure):
     assert_converted_exactly(model, converted, x)
 
 
+# timm's ResNet and RegNet as built: each residual block's last norm (its norm-add-act) has weight 0
+AS_BUILT = [
+    pytest.param(lambda: timm.create_model("resnet18"), resnet_blocks, id="timm-resnet18"),
+    pytest.param(lambda: timm.create_model("resnet50"), resnet_blocks, id="timm-resnet50", marks=slow),
+    pytest.param(lambda: timm.create_model("regnety_002"), timm_regnet_blocks, id="timm-regnety_002"),
+    pytest.param(lambda: timm.create_model("regnety_016"), timm_regnet_blocks, id="timm-regnety_016", marks=slow),
+]
+
+
+@pytest.mark.parametrize("build, structure", AS_BUILT)
+def test_zero_initialized_models_convert_every_norm_exactly(build, structure):
+    """As built, timm zeroes the weight of each residual block's last norm (``zero_init_last``), a scale no
+    in-place layer has (``|w'| + eps >= eps``): every BatchNorm converts all the same, in the modes the
+    structure implies, the recompute-mode layers scaling by BatchNorm's own weight, and exactly. With
+    ``relu_to="leaky_relu"`` (not exact anyway) the zero weights clamp to eps and every norm runs in place."""
+    torch.manual_seed(0)
+    model = build().double()
+    structure_found = structure(model)
+    zero_initialized = [name for name, (pattern, _, _) in structure_found.items() if pattern == "norm-add-act"]
+    assert zero_initialized and all(torch.all(model.get_submodule(name).weight == 0) for name in zero_initialized)
+    converted, report = convert_to_abn(model)
+    expected = {name: (pattern, mode_of(act), gate) for name, (pattern, act, gate) in structure_found.items()}
+    found = {layer.name: (layer.pattern, layer.mode, bool(layer.gate)) for layer in report.layers}
+    assert found == expected and len(report.converted) == len(report.layers) and report.exact
+    for layer in report.layers:
+        assert converted.get_submodule(layer.name).batchnorm_weight == (layer.mode == "recompute"), layer
+    assert_converted_exactly(model, converted, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    _, leaky = convert_to_abn(model, relu_to="leaky_relu")
+    assert {layer.mode for layer in leaky.layers} == {"in place"}
+    assert {layer.name for layer in leaky.layers if layer.clamped_channels} == set(zero_initialized)
+
+
 def test_relu_to_leaky_relu_runs_resnet_in_place_and_changes_only_the_activation():
     """The opt-in: every ReLU merged into a norm becomes leaky_relu(slope), in place; the converted model
     computes the original with its ReLU modules swapped for LeakyReLU."""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import inplace_abn
-from inplace_abn import ABN, InPlaceABN, InPlaceABNSync
+from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN
 from inplace_abn.distributed import merge_stats
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)  # a collective no peer joins fails after this
@@ -84,16 +84,20 @@ def _shard_slice(shards, rank):
 
 
 def _pair(config, channels=4):
-    """An InPlaceABNSync layer and an identical single-process InPlaceABN, in float64."""
+    """An InPlaceABNSync layer and an identical single-process InPlaceABN (RecomputeABN for
+    ``in_place=False``, with the same ``batchnorm_weight``), in float64."""
     kwargs = dict(config.get("layer", {}))
+    in_place = kwargs.pop("in_place", True)
+    kwargs.setdefault("batchnorm_weight", False)  # InPlaceABNSync's default (RecomputeABN's is True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # relu: the not-invertible warning is tested elsewhere
-        synced = InPlaceABNSync(channels, group=config.get("group"), **kwargs).double()
-        kwargs.pop("in_place", None)
-        single = InPlaceABN(channels, **kwargs).double()
+        synced = InPlaceABNSync(channels, group=config.get("group"), in_place=in_place, **kwargs).double()
+        single = (InPlaceABN if in_place else RecomputeABN)(channels, **kwargs).double()
     if synced.affine:
         with torch.no_grad():
             synced.weight.uniform_(-1.5, 1.5)  # negative scales exercise |w| + eps and sign(w)
+            if synced.batchnorm_weight:
+                synced.weight[0] = 0.0  # a zero scale, which only BatchNorm's weight has
             synced.bias.normal_()
     single.load_state_dict(synced.state_dict())
     return synced, single
@@ -154,6 +158,9 @@ CONFIGS = [
     {"shape": (4, 3), "channels_last": False, "shortcut": True, "layer": {"activation": "elu", "activation_param": 1.0}},
     {"shape": (4, 3), "channels_last": False, "shortcut": True, "layer": {"activation": "hardswish"}},
     {"shape": (4, 3), "channels_last": False, "shortcut": True, "layer": {"in_place": False}},
+    # the recompute mode scaling by BatchNorm's weight itself (signs and zeros as they are)
+    {"shape": (4, 3), "channels_last": False, "shortcut": True,
+     "layer": {"in_place": False, "batchnorm_weight": True, "activation": "relu"}},
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, convert_to_abn, fuse_conv_abn
+from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN, convert_to_abn, disable_recompute, fuse_conv_abn
 
 from test_convert import Bottleneck, TinyResNet, model_and_input
 
@@ -19,19 +19,22 @@ def _eager_backend(monkeypatch):
 
 
 def make_model(train_steps=2):
-    """Every layer class and activation, affine or not, running statistics moved by a few steps."""
+    """Every layer class and activation, affine or not, scaling by ``|w| + eps`` or by BatchNorm's weight
+    (RecomputeABN's default: negative and zero weights), running statistics moved by a few steps."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3), InPlaceABN(6),
         nn.Conv2d(6, 6, 3), ABN(6, activation="elu", activation_param=0.5),
         nn.Conv2d(6, 6, 1), InPlaceABNSync(6, activation="identity", momentum=None),
         nn.Conv2d(6, 6, 1), ABN(6, activation="relu"),
+        nn.Conv2d(6, 6, 1), RecomputeABN(6, activation="relu"),
         nn.Conv2d(6, 4, 1), InPlaceABN(4, affine=False, activation="leaky_relu", activation_param=0.2),
     )
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, ABN) and module.affine:
                 module.weight.normal_(), module.bias.normal_()
+        model[9].weight[0] = 0.0
     for _ in range(train_steps):
         model(torch.randn(4, 3, 9, 9)).sum().backward()
     return model.eval()
@@ -113,13 +116,19 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo, opset):
     torch.testing.assert_close(torch.from_numpy(output), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_converted_and_fused_resnet_export():
+@pytest.mark.parametrize("act", [lambda inplace: nn.LeakyReLU(0.1, inplace=inplace), nn.ReLU],
+                         ids=["leaky_relu", "relu"])
+def test_converted_and_fused_resnet_export(act):
     """A torchvision-style model after convert_to_abn (an fx.GraphModule) scripts, traces and exports;
-    so does the same model with the layers folded into its convolutions."""
-    model, x = model_and_input(TinyResNet(Bottleneck, act=lambda inplace: nn.LeakyReLU(0.1, inplace=inplace)))
+    so does the same model with the layers folded into its convolutions. With ReLU, the recompute-mode
+    layers scale by BatchNorm's weight, in the exported graphs and the folded convolutions too."""
+    model, x = model_and_input(TinyResNet(Bottleneck, act=act))
     converted, report = convert_to_abn(model)
     converted.eval()
-    assert report.in_place
+    modes = {layer.mode for layer in report.layers}
+    assert modes == ({"in place"} if act is not nn.ReLU else {"in place", "recompute"})  # relu: all but projections
+    # Training-mode hooks that the recompute layers need (TorchScript cannot compile them): not for export.
+    disable_recompute(converted)
     expected = converted(x)
     torch.testing.assert_close(torch.jit.script(converted)(x), expected)
     torch.testing.assert_close(torch.jit.trace(converted, (x,))(x), expected)

@@ -1,6 +1,7 @@
-"""The residual (shortcut) form of the layers, the recompute mode and its saved-tensor hooks, and
-channel_gate: float64 references, what is stored, and the hooks' own safety checks."""
+"""The residual (shortcut) form of the layers, the recompute mode (with BatchNorm's own weight too) and its
+saved-tensor hooks, and channel_gate: float64 references, what is stored, and the hooks' own safety checks."""
 
+import copy
 import warnings
 
 import pytest
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import inplace_abn
-from inplace_abn import ABN, InPlaceABN, RecomputeABN, channel_gate, enable_recompute, recompute
+from inplace_abn import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN, channel_gate, enable_recompute, recompute
+from inplace_abn.functions import inplace_abn as inplace_abn_fn, inplace_abn_sync, recompute_abn as recompute_abn_fn
 from inplace_abn.activations import ACTIVATIONS, make_activation
 
 from reference import ReferenceABN
@@ -17,12 +19,14 @@ from reference import ReferenceABN
 PARAMS = {"leaky_relu": 0.1, "elu": 0.7}
 
 
-def _layer(cls, channels, activation):
+def _layer(cls, channels, activation, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = cls(channels, activation=activation, activation_param=PARAMS.get(activation, 0.0)).double()
+        layer = cls(channels, activation=activation, activation_param=PARAMS.get(activation, 0.0), **options).double()
     with torch.no_grad():
         layer.weight.uniform_(-1.5, 1.5)  # negative scales exercise |w| + eps
+        if layer.batchnorm_weight:
+            layer.weight[0] = 0.0  # a scale of 0: BatchNorm's weight only (|w| + eps >= eps)
         layer.bias.normal_()
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 2.0)
@@ -82,15 +86,34 @@ def _compare_steps(model, reference, with_shortcut):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("cls", [InPlaceABN, RecomputeABN])
+@pytest.mark.parametrize("cls, batchnorm_weight", [(InPlaceABN, False), (RecomputeABN, False), (RecomputeABN, True)],
+                         ids=["InPlaceABN", "RecomputeABN-abs", "RecomputeABN-batchnorm_weight"])
 @pytest.mark.parametrize("with_shortcut", [False, True])
-def test_layers_with_shortcut_match_batchnorm_add_activation(monkeypatch, activation, cls, with_shortcut):
+def test_layers_with_shortcut_match_batchnorm_add_activation(monkeypatch, activation, cls, batchnorm_weight,
+                                                             with_shortcut):
     """``layer(x, shortcut)`` is ``act(BN(x) + shortcut)`` in outputs, every gradient (the shortcut's too)
     and running statistics, for every activation, in training and eval mode, under the recompute hooks
-    (so recompute-mode outputs are rebuilt for the next conv)."""
+    (so recompute-mode outputs are rebuilt for the next conv). BatchNorm's weight is ``|w| + eps``, or
+    with ``batchnorm_weight`` the layer's own ``w`` (plain nn.BatchNorm: negative and zero weights)."""
     monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
-    model = enable_recompute(ConvNormConv(_layer(cls, 4, activation)).double())
+    options = {} if cls is InPlaceABN else {"batchnorm_weight": batchnorm_weight}
+    norm = _layer(cls, 4, activation, **options)
+    model = enable_recompute(ConvNormConv(norm).double())
     _compare_steps(model, _reference_model(model), with_shortcut)
+
+
+@pytest.mark.parametrize("cls, activation, options", [
+    (InPlaceABN, "relu", {}), (InPlaceABN, "hardswish", {}), (InPlaceABNSync, "silu", {"in_place": False}),
+    (InPlaceABNSync, "relu", {}), (ABN, "elu", {}),
+], ids=["InPlaceABN-relu", "InPlaceABN-hardswish", "InPlaceABNSync-in_place=False", "InPlaceABNSync-relu", "ABN"])
+def test_every_layer_that_keeps_its_input_takes_batchnorm_weight(monkeypatch, cls, activation, options):
+    """The other layers that do not write in place (a lossy activation, in_place=False, ABN) take
+    ``batchnorm_weight=True`` and compute plain BatchNorm (+ shortcut) + activation, train and eval."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+    norm = _layer(cls, 4, activation, batchnorm_weight=True, **options)
+    assert norm.batchnorm_weight and "batchnorm_weight=True" in repr(norm)
+    model = enable_recompute(ConvNormConv(norm).double())
+    _compare_steps(model, _reference_model(model), with_shortcut=True)
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "leaky_relu"])
@@ -116,6 +139,96 @@ def test_compiled_backend_recompute_and_shortcut(monkeypatch, activation, with_s
     for ours, theirs in zip(grads, expected_grads):
         if theirs is not None:
             torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+def test_compiled_backend_batchnorm_weight(monkeypatch):
+    """The compiled backend specializes its recompute-mode graphs on ``batchnorm_weight``: plain BatchNorm's
+    results, zero and negative weights included."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "compiled")
+    model = enable_recompute(ConvNormConv(_layer(RecomputeABN, 4, "relu")).double())
+    assert model.norm.batchnorm_weight and model.norm.weight[0] == 0
+    _compare_steps(model, _reference_model(model), with_shortcut=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_batchnorm_weight(monkeypatch, training):
+    """With the scale ``w`` itself (no ``|w|`` kink), finite differences agree at ``w = 0`` and ``w < 0`` too."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    shortcut = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([0.0, -1.2, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    running_mean, running_var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+
+    def layer(x, weight, bias, shortcut):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the recompute mode outside enable_recompute
+            return recompute_abn_fn(x, weight, bias, running_mean.clone(), running_var.clone(), training,
+                                                    0.1, 1e-5, "elu", 0.7, shortcut=shortcut, batchnorm_weight=True)
+
+    assert torch.autograd.gradcheck(layer, (x, weight, bias, shortcut))
+
+
+def test_layers_writing_in_place_refuse_batchnorm_weight():
+    """In place, backward divides by the scale, which BatchNorm's weight (0, or negative) cannot be."""
+    for make in (lambda: InPlaceABN(4, batchnorm_weight=True), lambda: InPlaceABNSync(4, batchnorm_weight=True),
+                 lambda: InPlaceABN(4, activation="silu", batchnorm_weight=True)):
+        with pytest.raises(ValueError, match="writes over its input.*batchnorm_weight=True needs RecomputeABN"):
+            make()
+    x, weight, bias = torch.randn(4, 3, 2), torch.ones(3), torch.zeros(3)
+    for call in (lambda: inplace_abn_fn(x * 1, weight, bias, None, None, batchnorm_weight=True),
+                 lambda: inplace_abn_sync(x * 1, weight, bias, None, None, batchnorm_weight=True)):
+        with pytest.raises(ValueError, match="batchnorm_weight=True .* needs a layer that does not write over"):
+            call()
+    layer = InPlaceABN(3)
+    layer.batchnorm_weight = True  # changed after construction: the call still refuses
+    with pytest.raises(ValueError, match="does not write over its input"):
+        layer(x * 1)
+    assert not InPlaceABN(3).batchnorm_weight and not ABN(3).batchnorm_weight and RecomputeABN(3).batchnorm_weight
+
+
+def test_convert_sync_abn_keeps_batchnorm_weight(monkeypatch):
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+    layers = [_layer(RecomputeABN, 4, "relu"), _layer(RecomputeABN, 4, "relu", batchnorm_weight=False),
+              _layer(ABN, 4, "elu", batchnorm_weight=True), _layer(InPlaceABN, 4, "hardswish", batchnorm_weight=True)]
+    model = nn.Sequential(*layers)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the recompute mode outside enable_recompute
+        expected = model(x)
+        converted = InPlaceABNSync.convert_sync_abn(copy.deepcopy(model))
+        assert all(type(layer) is InPlaceABNSync for layer in converted)
+        assert [layer.batchnorm_weight for layer in converted] == [True, False, True, True]
+        assert [layer.in_place for layer in converted] == [False, False, False, True]
+        torch.testing.assert_close(converted(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_state_dict_loads_into_recompute_abn_with_its_meaning(monkeypatch):
+    """RecomputeABN is a drop-in for BatchNorm + activation: a BatchNorm state dict (negative and zero
+    weights) loads and gives BatchNorm's outputs, gradients and running statistics."""
+    monkeypatch.setenv("INPLACE_ABN_BACKEND", "eager")
+    bn = nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([-1.3, 0.0, 0.4, 2.0])), bn.bias.normal_()
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+    layer = RecomputeABN(4, activation="relu").double()
+    layer.load_state_dict(bn.state_dict())
+    for training in (True, False):
+        bn.train(training), layer.train(training)
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+        inputs = [x.clone().requires_grad_() for _ in range(2)]
+        grad = torch.randn_like(x)
+        with inplace_abn.recompute_scope():
+            out = layer(inputs[0])
+        expected = F.relu(bn(inputs[1]))
+        out.backward(grad), expected.backward(grad)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for ours, theirs in ((inputs[0].grad, inputs[1].grad), (layer.weight.grad, bn.weight.grad),
+                             (layer.bias.grad, bn.bias.grad)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        layer.zero_grad(), bn.zero_grad()
+    for name, buffer in bn.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[name], buffer, rtol=1e-12, atol=0)
 
 
 class StoredTensors:

@@ -4,6 +4,7 @@ running statistics) load, and the networks then compute what a float64 reimpleme
 original's forward, written here in plain functional ops, computes. Plus inference of the network,
 clear errors, files that carry code, the converted format and the CLI."""
 
+import functools
 import math
 import os
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inplace_abn import ABN, cli
+from inplace_abn import ABN, RecomputeABN, cli
 from inplace_abn.models import (
     OriginalFileError, build, init_from_original, load_original, norm_act, read_original, zoo,
 )
@@ -393,6 +394,11 @@ def test_standard_bn_file_is_recognised_and_loads_as_batchnorm(tmp_path, monkeyp
         _close(model(images), Reference(state, standard_bn=True).resnext(images))
         with pytest.raises(OriginalFileError, match="convert_to_abn"):  # negative weights: no |w| + eps form
             load_original(path, norm_act=norm_act.inplace_abn())
+        # RecomputeABN scales by weight itself (batchnorm_weight): the weights load as they are
+        recompute_layers = functools.partial(RecomputeABN, activation="leaky_relu", activation_param=0.01)
+        model = load_original(path, norm_act=recompute_layers).double()
+        assert any(isinstance(layer, RecomputeABN) for layer in model.modules())
+        _close(model(images), Reference(state, standard_bn=True).resnext(images))
     positive = {key: value.abs() + 0.1 if key.endswith(".weight") and value.dim() == 1 else value
                 for key, value in state.items()}
     positive_path = _save(tmp_path / "positive.pth.tar", {"arch": "resnext50", "state_dict": positive})

@@ -153,8 +153,8 @@ def batch_stats(x):
     return _run(eager.batch_stats, x)
 
 
-def normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut=None):
-    return _run(eager.normalize_activate, x, mean, var, weight, bias, eps, activation, shortcut)
+def normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut=None, batchnorm_weight=False):
+    return _run(eager.normalize_activate, x, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight)
 
 
 def normalize_activate_(x, mean, var, weight, bias, eps, activation, shortcut=None):
@@ -180,9 +180,11 @@ def forward_train_(x, weight, bias, eps, activation, running_mean=None, running_
     return _run(eager.forward_train_, x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
 
 
-def forward_train(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0, shortcut=None):
+def forward_train(x, weight, bias, eps, activation, running_mean=None, running_var=None, momentum=0.0, shortcut=None,
+                  batchnorm_weight=False):
     momentum = _momentum(running_mean, running_var, momentum)
-    return _run(eager.forward_train, x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut)
+    return _run(eager.forward_train, x, weight, bias, eps, activation, running_mean, running_var, momentum, shortcut,
+                batchnorm_weight)
 
 
 def backward_reduce(z, grad_z, weight, bias, eps, activation, shortcut=None, bits=None):
@@ -198,15 +200,19 @@ def backward(z, grad_z, var, weight, bias, eps, activation, training, shortcut=N
     return _run(eager.backward, z, grad_z, var, weight, bias, eps, activation, training, shortcut, bits)
 
 
-def recompute_backward_reduce(x, grad_z, mean, var, weight, bias, eps, activation, shortcut=None):
-    return _run(eager.recompute_backward_reduce, x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+def recompute_backward_reduce(x, grad_z, mean, var, weight, bias, eps, activation, shortcut=None,
+                              batchnorm_weight=False):
+    return _run(eager.recompute_backward_reduce, x, grad_z, mean, var, weight, bias, eps, activation, shortcut,
+                batchnorm_weight)
 
 
 def recompute_backward_apply(x, grad_z, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps, activation,
-                             shortcut=None):
+                             shortcut=None, batchnorm_weight=False):
     return _run(eager.recompute_backward_apply, x, grad_z, mean, var, weight, bias, sum_dy, sum_dy_xhat, count, eps,
-                activation, shortcut)
+                activation, shortcut, batchnorm_weight)
 
 
-def recompute_backward(x, grad_z, mean, var, weight, bias, eps, activation, training, shortcut=None):
-    return _run(eager.recompute_backward, x, grad_z, mean, var, weight, bias, eps, activation, training, shortcut)
+def recompute_backward(x, grad_z, mean, var, weight, bias, eps, activation, training, shortcut=None,
+                       batchnorm_weight=False):
+    return _run(eager.recompute_backward, x, grad_z, mean, var, weight, bias, eps, activation, training, shortcut,
+                batchnorm_weight)

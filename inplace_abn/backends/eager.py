@@ -10,7 +10,8 @@ Two ways to keep what backward needs, each a family of functions here:
 * in place (``forward_train_``, ``backward``...): ``z`` is written over ``x`` and backward rebuilds
   ``u`` from ``z`` by inverting the activation (with the one-bit branch mask of a piecewise one);
 * recompute (``forward_train``, ``recompute_backward``...): ``x`` is kept and backward rebuilds ``u``
-  from it, for any activation.
+  from it, for any activation. It never divides by the scale, so it also takes ``batchnorm_weight=True``:
+  the scale is ``weight`` itself, of any sign or zero, as in ``nn.BatchNorm`` (:func:`effective_scale`).
 
 Transient memory: these ops materialise float32 temporaries of the full size; the compiled and Triton
 backends fuse them away and allocate nothing full-size but what they return.
@@ -41,11 +42,22 @@ def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.view([1, -1] + [1] * (x.dim() - 2))
 
 
-def _scale_and_bias(weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float):
-    """The effective scale ``gamma = |w| + eps`` (1 without affine) and the bias, in the compute dtype."""
+def effective_scale(weight: Tensor, eps: float, batchnorm_weight: bool = False) -> Tensor:
+    """The per-channel scale ``gamma``: ``|w| + eps``, always positive, so that the in-place backward can
+    divide by it; with ``batchnorm_weight``, ``w`` itself, as ``nn.BatchNorm`` (the recompute mode only,
+    which never divides by it)."""
+    return weight if batchnorm_weight else weight.abs() + eps
+
+
+def _scale_and_bias(weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor, eps: float,
+                    batchnorm_weight: bool = False):
+    """The scale :func:`effective_scale` (1 without affine) and the bias, in the compute dtype."""
     dtype = compute_dtype(x)
     channels = x.shape[1]
-    gamma = weight.to(dtype).abs() + eps if weight is not None else x.new_ones(channels, dtype=dtype)
+    if weight is not None:
+        gamma = effective_scale(weight.to(dtype), eps, batchnorm_weight)
+    else:
+        gamma = x.new_ones(channels, dtype=dtype)
     beta = bias.to(dtype) if bias is not None else x.new_zeros(channels, dtype=dtype)
     return gamma, beta
 
@@ -64,18 +76,20 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _activation_input(x, mean, var, weight, bias, eps: float, shortcut) -> Tensor:
+def _activation_input(x, mean, var, weight, bias, eps: float, shortcut, batchnorm_weight: bool = False) -> Tensor:
     """``u = gamma * (x - mean) / sqrt(var + eps) + b (+ shortcut)``, in the compute dtype."""
-    gamma, beta = _scale_and_bias(weight, bias, x, eps)
+    gamma, beta = _scale_and_bias(weight, bias, x, eps, batchnorm_weight)
     scale = gamma * torch.rsqrt(var.to(gamma.dtype) + eps)
     shift = beta - mean.to(gamma.dtype) * scale
     u = x.to(gamma.dtype) * _per_channel(scale, x) + _per_channel(shift, x)
     return u if shortcut is None else u + shortcut.to(gamma.dtype)
 
 
-def normalize_activate(x, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None) -> Tensor:
+def normalize_activate(x, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None,
+                       batchnorm_weight: bool = False) -> Tensor:
     """``z = act(gamma * (x - mean) / sqrt(var + eps) + b (+ shortcut))`` in the dtype of ``x``."""
-    return activation.forward(_activation_input(x, mean, var, weight, bias, eps, shortcut)).to(x.dtype)
+    u = _activation_input(x, mean, var, weight, bias, eps, shortcut, batchnorm_weight)
+    return activation.forward(u).to(x.dtype)
 
 
 def normalize_activate_(x, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None):
@@ -127,11 +141,11 @@ def forward_train_(
 
 def forward_train(
     x, weight, bias, eps: float, activation: Activation, running_mean=None, running_var=None, momentum=0.0,
-    shortcut=None,
+    shortcut=None, batchnorm_weight: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`forward_train_` out of place, for the recompute mode: returns ``(z, mean, biased var)``."""
     mean, var = _batch_stats_updating(x, running_mean, running_var, momentum)
-    return normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut), mean, var
+    return normalize_activate(x, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight), mean, var
 
 
 # --- backward ------------------------------------------------------------------------------------
@@ -159,11 +173,12 @@ def _from_output(z, grad_z, weight, bias, eps: float, activation: Activation, sh
     return du, y - _per_channel(beta, z), 1.0 / gamma, gamma
 
 
-def _from_input(x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, shortcut):
+def _from_input(x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, shortcut,
+                batchnorm_weight: bool):
     """Recompute mode: ``(du, t = x - mean, a = invstd, gamma)`` rebuilt from the input ``x``."""
-    gamma, beta = _scale_and_bias(weight, bias, x, eps)
+    gamma, beta = _scale_and_bias(weight, bias, x, eps, batchnorm_weight)
     invstd = torch.rsqrt(var.to(gamma.dtype) + eps)
-    u = _activation_input(x, mean, var, weight, bias, eps, shortcut)
+    u = _activation_input(x, mean, var, weight, bias, eps, shortcut, batchnorm_weight)
     du = activation.grad_from_input(u, grad_z.to(gamma.dtype))
     return du, x.to(gamma.dtype) - _per_channel(mean.to(gamma.dtype), x), invstd, gamma
 
@@ -216,30 +231,32 @@ def backward(z, grad_z, var, weight, bias, eps: float, activation: Activation, t
     return (dx, *grads) if shortcut is None else (dx[0], *grads, dx[1])
 
 
-def recompute_backward_reduce(x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None):
+def recompute_backward_reduce(x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, shortcut=None,
+                              batchnorm_weight: bool = False):
     """Recompute mode: :func:`backward_reduce` from the input ``x``."""
-    du, t, a, _ = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+    du, t, a, _ = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight)
     return _reduce(du, t, a)
 
 
 def recompute_backward_apply(
     x, grad_z, mean, var, weight, bias, sum_dy, sum_dy_xhat, count: Optional[int], eps: float,
-    activation: Activation, shortcut=None,
+    activation: Activation, shortcut=None, batchnorm_weight: bool = False,
 ):
     """Recompute mode: :func:`backward_apply` from the input ``x``."""
-    du, t, a, gamma = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+    du, t, a, gamma = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight)
     return _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps, x, shortcut)
 
 
 def recompute_backward(
-    x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, training: bool, shortcut=None
+    x, grad_z, mean, var, weight, bias, eps: float, activation: Activation, training: bool, shortcut=None,
+    batchnorm_weight: bool = False,
 ):
     """Recompute mode: :func:`backward` from the input ``x``."""
-    du, t, a, gamma = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut)
+    du, t, a, gamma = _from_input(x, grad_z, mean, var, weight, bias, eps, activation, shortcut, batchnorm_weight)
     sum_dy, sum_dy_xhat = _reduce(du, t, a)
     count = x.numel() // x.shape[1] if training else None
     dx = _apply(du, t, a, gamma, var, sum_dy, sum_dy_xhat, count, eps, x, shortcut)
-    grads = param_grads(sum_dy, sum_dy_xhat, weight, bias)
+    grads = param_grads(sum_dy, sum_dy_xhat, weight, bias, batchnorm_weight)
     return (dx, *grads) if shortcut is None else (dx[0], *grads, dx[1])
 
 
@@ -248,12 +265,14 @@ def times_sign(value: Tensor, weight: Tensor) -> Tensor:
     return torch.where(weight >= 0, value, -value)
 
 
-def param_grads(sum_dy, sum_dy_xhat, weight, bias) -> tuple[Tensor, Tensor]:
+def param_grads(sum_dy, sum_dy_xhat, weight, bias, batchnorm_weight: bool = False) -> tuple[Tensor, Tensor]:
     """``weight`` and ``bias`` gradients from the two sums, in their dtypes. The scale is ``|w| + eps``,
     so ``dL/dw = sign(w) * sum(dy * xhat)`` with ``sign(0) = +1`` (``abs``'s gradient would be 0
-    there). Without a weight (bias) the raw sum is returned."""
+    there); with ``batchnorm_weight`` it is ``w``, and ``dL/dw = sum(dy * xhat)``. Without a weight
+    (bias) the raw sum is returned."""
     grad_weight = sum_dy_xhat
     if weight is not None:
-        grad_weight = times_sign(sum_dy_xhat, weight).to(weight.dtype)
+        signed = sum_dy_xhat if batchnorm_weight else times_sign(sum_dy_xhat, weight)
+        grad_weight = signed.to(weight.dtype)
     grad_bias = sum_dy if bias is None else sum_dy.to(bias.dtype)
     return grad_weight, grad_bias

@@ -133,24 +133,17 @@ def _decide(node: fx.Node, context: _Context, record: LayerConversion, rewrite_f
         record.reason = f"its activation is not one the layers have: {error}"
         return None
     feeding = feeding_layer(node, modules, context.calls, context.parameter_uses)
-    negative = negative_channels(bn)
-    if negative and feeding is None:
-        record.reason = (
-            f"{negative} channels have a negative weight and no convolution or linear layer feeds it alone to take "
-            "the sign: the scale |w| + eps cannot represent them")
-        return None
-    small = small_channels(bn)
-    if small and not options.clamp_small_weights:
-        record.reason = (
-            f"{small} channels have |weight| < eps={bn.eps} (smallest {bn.weight.detach().abs().min().item():.3g}): the layers "
-            "scale by |w| + eps >= eps, so they cannot compute this exactly; clamp_small_weights=True converts them "
-            "with scale eps (output change at most (eps - |w|) * |x_hat| per channel)")
-        return None
-    if small:
-        exact = False
-        record.clamped_channels = small
-        notes.append(f"{small} channels with |weight| < eps={bn.eps} scale by eps instead (clamp_small_weights)")
     mode = _mode(found, eval_found, activation, context, notes)
+    if mode == IN_PLACE:  # the only mode that scales by |w'| + eps: the other layers take BatchNorm's weight
+        why = _why_weights_not_in_place(bn, feeding, options.clamp_small_weights)
+        small = small_channels(bn)
+        if why is not None:
+            mode = RECOMPUTE
+            notes.append(f"recompute: {why}")
+        elif small:
+            exact = False
+            record.clamped_channels = small
+            notes.append(f"{small} channels with |weight| < eps={bn.eps} scale by eps instead (clamp_small_weights)")
     kind = recognise.norm_module(bn)
     sync = options.sync or kind.synchronized
     group = getattr(bn, "process_group", None)
@@ -161,6 +154,22 @@ def _decide(node: fx.Node, context: _Context, record: LayerConversion, rewrite_f
     record.reason = "; ".join(notes)
     _claim(context, found, eval_found, record.name)
     return _Plan(record, found, eval_found, activation, mode, feeding, sync, group)
+
+
+def _why_weights_not_in_place(bn: nn.Module, feeding: Optional[nn.Module], clamp_small_weights: bool) -> Optional[str]:
+    """Why a layer writing in place, whose scale is ``|w'| + eps``, cannot take ``bn``'s weights exactly
+    (None when it can)."""
+    negative = negative_channels(bn)
+    if negative and feeding is None:
+        return (f"{negative} channels have a negative weight and no convolution or linear layer feeds the norm "
+                "alone to take the sign, which a layer writing in place (scale |w| + eps) needs")
+    small = small_channels(bn)
+    if small and not clamp_small_weights:
+        smallest = bn.weight.detach().abs().min().item()
+        return (f"{small} channels have |w| < eps={bn.eps} (smallest {smallest:.3g}), which a layer writing in place "
+                "cannot scale by (its scale is |w'| + eps >= eps; clamp_small_weights=True runs it in place with "
+                "scale eps there, not exactly)")
+    return None
 
 
 def _claim(context: _Context, found: Match, eval_found: Match, name: Optional[str]) -> None:
@@ -305,7 +314,7 @@ def convert_to_abn(
     relu_slope: float = 0.01,
     in_place: bool = True,
     sync: bool = False,
-    clamp_small_weights: bool = False,
+    clamp_small_weights: Optional[bool] = None,
     piecewise: str = "recompute",
     sample_input: Optional[SampleInput] = None,
 ) -> tuple[nn.Module, ConversionReport]:
@@ -332,9 +341,13 @@ def convert_to_abn(
     ``fx.GraphModule`` named after its class, with the same submodules, attributes and state-dict keys);
     the model keeps its class unless its own forward changed (``report.rewritten`` lists them).
 
-    Weights are converted exactly: the layers scale by ``|w'| + eps``, so ``w' = |w| - eps``, and a
-    channel with ``w < 0`` is negated in the convolution or linear layer that feeds the BatchNorm (weight
-    and bias) and in the running mean (docs/migrating.md).
+    Weights are converted exactly. A layer writing in place scales by ``|w'| + eps``, so ``w' = |w| - eps``,
+    and a channel with ``w < 0`` is negated in the convolution or linear layer that feeds the BatchNorm
+    (weight and bias) and in the running mean (docs/migrating.md). Every other layer (recompute mode, out of
+    place) scales by ``weight`` itself (``batchnorm_weight=True``) and takes BatchNorm's weight unchanged.
+    Where only the weights keep a norm from running in place (negative weights with no such layer to
+    take the sign, as after a concatenation or an add; ``|w| < eps``, as timm's zero-initialized residual
+    norms), it runs in recompute mode: every BatchNorm converts exactly.
 
     Args:
         relu_to: ``"relu"`` (default): ReLU stays ReLU, exactly (recompute mode). ``"leaky_relu"``: ReLU
@@ -344,8 +357,10 @@ def convert_to_abn(
         in_place: ``False`` gives :class:`~inplace_abn.ABN` everywhere (keeps what BatchNorm did).
         sync: make :class:`~inplace_abn.InPlaceABNSync` layers (``in_place=False`` where not in place).
             ``nn.SyncBatchNorm`` and timm's SyncBatchNormAct always become InPlaceABNSync, with their group.
-        clamp_small_weights: convert channels with ``|w| < eps`` too, scaling them by eps (not exact);
-            by default their BatchNorm stays as it was.
+        clamp_small_weights: where a norm could run in place but has channels with ``|w| < eps``, run it
+            in place all the same, scaling those channels by eps (not exact); ``False``: such a norm runs in
+            recompute mode, exactly. ``None`` (default): ``True`` with ``relu_to="leaky_relu"``, which is
+            not exact anyway (so zero-initialized residual norms run in place too), else ``False``.
         piecewise: how silu, gelu, gelu_tanh and mish layers keep what backward needs: ``"recompute"``
             (default: the input, the output rebuilt by one forward pass; exact) or ``"in_place"`` (the
             output over the input and one bit per element, inverted by Newton steps: the same memory,
@@ -361,7 +376,9 @@ def convert_to_abn(
         raise ValueError(f"relu_slope must be > 0 to run in place (got {relu_slope}); relu_to='relu' keeps ReLU exactly.")
     if piecewise not in ("recompute", "in_place"):
         raise ValueError(f"piecewise must be 'recompute' (the default) or 'in_place', got {piecewise!r}.")
-    options = _Options(in_place, relu_to, float(relu_slope), sync, clamp_small_weights, piecewise)
+    if clamp_small_weights is None:
+        clamp_small_weights = relu_to == "leaky_relu"
+    options = _Options(in_place, relu_to, float(relu_slope), sync, bool(clamp_small_weights), piecewise)
     converted = copy_model(model)
     parameter_uses = collections.Counter(id(p) for _, p in converted.named_parameters(remove_duplicate=False))
     report = ConversionReport(layers=[], relu_to=relu_to)

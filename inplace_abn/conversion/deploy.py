@@ -76,7 +76,8 @@ def _add_act(graph: fx.Graph, target: str, x: fx.Node, shortcut: fx.Node) -> fx.
 def convert_to_batchnorm(model: nn.Module, batch_norm: Callable[..., _BatchNorm] = nn.BatchNorm2d) -> nn.Module:
     """Return a copy of ``model`` with every ABN, InPlaceABN, RecomputeABN and InPlaceABNSync layer replaced
     by ``nn.Sequential(batch_norm(...), activation)`` of standard modules computing the same function
-    (BatchNorm weight ``|w| + eps``; the activation's torch module), to deploy where this package is not
+    (BatchNorm weight ``|w| + eps``, or ``w`` as it is for a layer with ``batchnorm_weight``; the
+    activation's torch module), to deploy where this package is not
     installed. A layer ``name`` becomes ``name.0`` (BatchNorm) and ``name.1`` (activation) in the state
     dict. Where a rewritten forward calls a layer with a shortcut, it calls ``name.0``, adds the shortcut
     and calls ``name.1``; ``channel_gate(x, gate)`` becomes ``x * gate``. ``batch_norm`` is the class for
@@ -129,7 +130,8 @@ def fuse_conv_abn(model: nn.Module) -> nn.Module:
     """Return a copy of an eval-mode ``model`` in which every ABN-family layer that directly follows a
     convolution or linear layer (found with ``torch.fx``, as in :func:`convert_to_abn`) is folded into it:
     the layer's weight becomes ``W * s`` and its bias ``(b_conv - running_mean) * s + bias`` per output
-    channel, with ``s = (|w| + eps) / sqrt(running_var + eps)``, and the ABN layer becomes its activation
+    channel, with ``s = (|w| + eps) / sqrt(running_var + eps)`` (``w / sqrt(running_var + eps)`` for a layer
+    with ``batchnorm_weight``), and the ABN layer becomes its activation
     alone (called on ``x + shortcut`` where it had a shortcut); ``channel_gate`` calls become products. Same
     outputs up to rounding (computed in float64). Layers without running statistics, or after anything
     else, stay as they are."""

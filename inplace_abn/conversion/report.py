@@ -21,9 +21,9 @@ MODES = {
               "element for silu / gelu / mish, plus the shortcut if it has one): one buffer per norm + act",
     RECOMPUTE: "`RecomputeABN`: keeps its input and the per-channel statistics (plus the shortcut); its output "
                "is rebuilt elementwise in backward wherever the next op kept it (stored instead where its "
-               "shortcut is itself rebuilt, so that rebuilding never chains): one buffer, any activation, and "
-               "its input may be used elsewhere",
-    OUT_OF_PLACE: "`ABN` (`in_place=False`): keeps what BatchNorm + activation kept",
+               "shortcut is itself rebuilt, so that rebuilding never chains): one buffer, any activation, any "
+               "BatchNorm weight (it scales by `weight` itself), and its input may be used elsewhere",
+    OUT_OF_PLACE: "`ABN` (`in_place=False`): keeps what BatchNorm + activation kept; scales by `weight` itself",
     UNCHANGED: "left as it was; the report says why",
 }
 

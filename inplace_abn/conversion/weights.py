@@ -1,6 +1,6 @@
-"""BatchNorm weights into the layers and back, exactly: the layers scale by ``|w| + eps``, so a negative
-weight's sign moves into the conv or linear layer that feeds the norm (docs/migrating.md), and eval-mode
-normalizations fold into the layer before them."""
+"""BatchNorm weights into the layers and back, exactly: a layer writing in place scales by ``|w| + eps``,
+so a negative weight's sign moves into the conv or linear layer that feeds the norm (docs/migrating.md);
+every other layer takes BatchNorm's weight as it is; eval-mode normalizations fold into the layer before them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from ..backends.eager import effective_scale
 from ..modules import ABN, InPlaceABN, InPlaceABNSync, RecomputeABN
 from .report import IN_PLACE, RECOMPUTE
 
@@ -70,34 +71,39 @@ def small_channels(bn: _BatchNorm) -> int:
 
 
 def new_layer(bn: _BatchNorm, activation: str, param: float, mode: str, sync: bool, group=None) -> ABN:
-    """The layer replacing ``bn``, on its device and in its dtype (state not loaded yet)."""
+    """The layer replacing ``bn``, on its device and in its dtype (state not loaded yet). Only a layer that
+    writes in place divides by its scale: every other one scales by BatchNorm's own weight."""
     reference = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     args = (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, activation, param)
+    in_place = mode == IN_PLACE
     if sync:
-        return InPlaceABNSync(*args, group, in_place=mode == IN_PLACE, **factory)
-    if mode == IN_PLACE:
+        return InPlaceABNSync(*args, group, in_place=in_place, batchnorm_weight=not in_place, **factory)
+    if in_place:
         return InPlaceABN(*args, **factory)
     if mode == RECOMPUTE:
-        return RecomputeABN(*args, **factory)
-    return ABN(*args, **factory)
+        return RecomputeABN(*args, batchnorm_weight=True, **factory)
+    return ABN(*args, batchnorm_weight=True, **factory)
 
 
 @torch.no_grad()
 def load_batchnorm(layer: ABN, bn: _BatchNorm, feeding: Optional[nn.Module]) -> int:
-    """Give ``layer`` the BatchNorm's state, so that ``|w'| + eps == |w|`` (``w' = 0`` where ``|w| < eps``);
-    negative weights are made positive by negating the channel in ``feeding`` (which must be given when
-    there are any). Returns the number of channels negated."""
+    """Give ``layer`` the BatchNorm's state: as it is where the layer has ``batchnorm_weight``; else so that
+    ``|w'| + eps == |w|`` (``w' = 0`` where ``|w| < eps``), negative weights made positive by negating the
+    channel in ``feeding`` (which must be given when there are any). Returns the number of channels negated."""
     layer.train(bn.training)
     negative = None
     if bn.affine:
-        weight = bn.weight.double()
-        negative = weight < 0
-        if negative.any():
-            # BN(-x) with weight -w is BN(x) with weight w: batch mean and running mean flip sign, the
-            # variance does not, and the bias is untouched.
-            scale_output_channels(feeding, torch.where(negative, -1.0, 1.0).to(weight))
-        layer.weight.copy_((weight.abs() - bn.eps).clamp_min(0))
+        if layer.batchnorm_weight:
+            layer.weight.copy_(bn.weight)
+        else:
+            weight = bn.weight.double()
+            negative = weight < 0
+            if negative.any():
+                # BN(-x) with weight -w is BN(x) with weight w: batch mean and running mean flip sign, the
+                # variance does not, and the bias is untouched.
+                scale_output_channels(feeding, torch.where(negative, -1.0, 1.0).to(weight))
+            layer.weight.copy_((weight.abs() - bn.eps).clamp_min(0))
         layer.bias.copy_(bn.bias)
         layer.weight.requires_grad_(bn.weight.requires_grad)
         layer.bias.requires_grad_(bn.bias.requires_grad)
@@ -113,12 +119,13 @@ def load_batchnorm(layer: ABN, bn: _BatchNorm, feeding: Optional[nn.Module]) -> 
 
 @torch.no_grad()
 def standard_batchnorm(layer: ABN, batch_norm: type) -> _BatchNorm:
-    """A ``batch_norm`` module computing the normalization of ``layer`` (weight ``|w| + eps``)."""
+    """A ``batch_norm`` module computing the normalization of ``layer`` (weight: the layer's scale, ``|w| + eps``
+    or, with ``batchnorm_weight``, ``w``)."""
     reference = next((t for t in (layer.weight, layer.running_mean) if t is not None), None)
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
     bn = batch_norm(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, **factory)
     if layer.affine:
-        bn.weight.copy_(layer.weight.abs() + layer.eps)
+        bn.weight.copy_(effective_scale(layer.weight, layer.eps, layer.batchnorm_weight))
         bn.bias.copy_(layer.bias)
     if layer.track_running_stats:
         bn.running_mean.copy_(layer.running_mean)
@@ -131,7 +138,9 @@ def standard_batchnorm(layer: ABN, batch_norm: type) -> _BatchNorm:
 def fold(layer: nn.Module, abn: ABN) -> None:
     """Fold the eval-mode normalization of ``abn`` into the conv / linear ``layer`` before it."""
     invstd = (abn.running_var.double() + abn.eps).rsqrt()
-    scale = invstd if abn.weight is None else (abn.weight.double().abs() + abn.eps) * invstd
+    scale = invstd
+    if abn.weight is not None:
+        scale = effective_scale(abn.weight.double(), abn.eps, abn.batchnorm_weight) * invstd
     shift = -abn.running_mean.double() * scale
     if abn.bias is not None:
         shift = shift + abn.bias.double()

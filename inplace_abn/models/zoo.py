@@ -450,10 +450,10 @@ def _complete(network: str, kwargs: Dict[str, Any], state: Dict[str, torch.Tenso
 
 
 def _scales_by_abs(layer: nn.Module) -> Optional[bool]:
-    """Whether ``layer`` scales by ``|weight| + eps`` (InPlace-ABN's layers), by ``weight`` (BatchNorm),
-    or None (no normalization layer)."""
+    """Whether ``layer`` scales by ``|weight| + eps`` (InPlace-ABN's layers), by ``weight`` (BatchNorm, and
+    the layers with ``batchnorm_weight``), or None (no normalization layer)."""
     if isinstance(layer, ABN):
-        return True
+        return not layer.batchnorm_weight
     if isinstance(layer, nn.modules.batchnorm._NormBase):
         return False
     return None
