@@ -288,7 +288,7 @@ def _recompute_abn(x, weight, bias, running_mean, running_var, training, momentu
         if group is None:  # standard ops: the outer compiler picks what to save and what to recompute
             return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, shortcut,
                         batchnorm_weight)
-    elif torch.is_grad_enabled() and not recompute.active():
+    elif training and torch.is_grad_enabled() and not recompute.active():
         warn_outside_recompute(activation)
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut,
             batchnorm_weight)

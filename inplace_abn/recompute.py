@@ -132,7 +132,9 @@ def _exit(module: nn.Module, args, output) -> None:
 
 def enable_recompute(model: nn.Module) -> nn.Module:
     """Activate the hooks during every forward of ``model`` (forward pre- and post-hooks on it; the
-    post-hook also runs when the forward raises). Idempotent; returns ``model``."""
+    post-hook also runs when the forward raises). Idempotent; returns ``model``. ``torch.jit.script``
+    compiles a module's hooks, and these are Python: call :func:`disable_recompute` before scripting
+    (``torch.compile``, ``torch.export`` and ONNX export are fine with them)."""
     if not getattr(model, "_inplace_abn_recompute", False):
         model.register_forward_pre_hook(_enter)
         model.register_forward_hook(_exit, always_call=True)
