@@ -273,10 +273,13 @@ def _inplace_abn(x, weight, bias, running_mean, running_var, training, momentum,
         return _recompute_abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group,
                               shortcut, batchnorm_weight)
     if torch.compiler.is_compiling():
+        if group is None:
+            # Standard ops: under compile AOTAutograd functionalizes the graph and picks what to save
+            # and what to recompute itself, and the in-place Function would only add a copy (below).
+            return _abn(x, weight, bias, running_mean, running_var, training, momentum, eps, activation, shortcut)
         # torch.compile (2.13) returns a wrong input gradient when an in-place autograd.Function
         # overwrites a graph input (the layer first in a compiled region, e.g. after DDP splits the
-        # graph). A copy makes the input an intermediate. Under compile, AOTAutograd functionalizes
-        # the graph and picks what to save anyway; Inductor fuses the copy into the kernel.
+        # graph). A copy makes the input an intermediate; Inductor fuses the copy into the kernel.
         x = x.clone()
     args = (x, weight, bias, running_mean, running_var, training, momentum, eps, activation, group, shortcut)
     return _apply(InPlaceABNFunction, args, x)
