@@ -36,6 +36,36 @@ _ALIASES = {"none": "identity", "swish": "silu", "hard_swish": "hardswish", "har
 _PARAMETRIZED = ("leaky_relu", "elu")
 
 
+def activate(y: Tensor, name: str, param: float) -> Tensor:
+    """``z = act(y)`` by canonical name (the standard ops); TorchScript compiles it too (the layers'
+    export path, :func:`inplace_abn.functions.batch_norm_act`)."""
+    if name == "leaky_relu":
+        return F.leaky_relu(y, param)
+    if name == "elu":
+        return F.elu(y, param)
+    if name == "relu":
+        return F.relu(y)
+    if name == "relu6":
+        return F.relu6(y)
+    if name == "hardswish":
+        return F.hardswish(y)
+    if name == "hardsigmoid":
+        return F.hardsigmoid(y)
+    if name == "silu":
+        return F.silu(y)
+    if name == "gelu":
+        return F.gelu(y)
+    if name == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if name == "mish":
+        return F.mish(y)
+    if name == "sigmoid":
+        return torch.sigmoid(y)
+    if name == "tanh":
+        return torch.tanh(y)
+    return y  # identity
+
+
 @dataclasses.dataclass(frozen=True)
 class Activation:
     """An activation function with its parameter (slope of leaky_relu, alpha of elu; else 0)."""
@@ -66,32 +96,7 @@ class Activation:
         return self.kind != "lossy"
 
     def forward(self, y: Tensor) -> Tensor:
-        name = self.name
-        if name == "leaky_relu":
-            return F.leaky_relu(y, self.param)
-        if name == "elu":
-            return F.elu(y, self.param)
-        if name == "relu":
-            return F.relu(y)
-        if name == "relu6":
-            return F.relu6(y)
-        if name == "hardswish":
-            return F.hardswish(y)
-        if name == "hardsigmoid":
-            return F.hardsigmoid(y)
-        if name == "silu":
-            return F.silu(y)
-        if name == "gelu":
-            return F.gelu(y)
-        if name == "gelu_tanh":
-            return F.gelu(y, approximate="tanh")
-        if name == "mish":
-            return F.mish(y)
-        if name == "sigmoid":
-            return torch.sigmoid(y)
-        if name == "tanh":
-            return torch.tanh(y)
-        return y
+        return activate(y, self.name, self.param)
 
     def grad_from_input(self, y: Tensor, grad_z: Tensor) -> Tensor:
         """``dL/dy`` from the input ``y`` and ``dL/dz``: autograd's own formulas (ATen's backward ops),

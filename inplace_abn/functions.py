@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends, distributed, recompute
+from . import activations, backends, distributed, recompute
 from .backends import eager
 from .activations import Activation, make_activation, warn_outside_recompute
 
@@ -344,31 +344,7 @@ def batch_norm_act(
         name = "silu"
     elif name.startswith("hard_"):  # hard_swish, hard_sigmoid
         name = "hard" + name[5:]
-    if name == "leaky_relu":
-        return F.leaky_relu(y, activation_param)
-    if name == "elu":
-        return F.elu(y, activation_param)
-    if name == "relu":
-        return F.relu(y)
-    if name == "relu6":
-        return F.relu6(y)
-    if name == "hardswish":
-        return F.hardswish(y)
-    if name == "hardsigmoid":
-        return F.hardsigmoid(y)
-    if name == "silu":
-        return F.silu(y)
-    if name == "gelu":
-        return F.gelu(y)
-    if name == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if name == "mish":
-        return F.mish(y)
-    if name == "sigmoid":
-        return torch.sigmoid(y)
-    if name == "tanh":
-        return torch.tanh(y)
-    return y  # identity
+    return activations.activate(y, name, activation_param)
 
 
 def abn(
