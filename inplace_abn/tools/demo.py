@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=int, default=300, help="default: %(default)s")
     parser.add_argument("--val-samples", type=int, default=60, help="default: %(default)s")
     parser.add_argument("--network", default="deeplabv3_resnet18", help="default: %(default)s")
-    parser.add_argument("--width", type=float, default=0.25, help="channel width multiplier (default: %(default)s)")
+    parser.add_argument("--width", type=float, default=0.5, help="channel width multiplier (default: %(default)s)")
     parser.add_argument("--output-stride", type=int, default=16, choices=(8, 16), help="default: %(default)s")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
