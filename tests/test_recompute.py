@@ -64,18 +64,24 @@ def _step(model, x, shortcut, grad):
     return out.detach(), grads
 
 
+def _assert_same_step(model, reference, shape, with_shortcut):
+    """One training step of both on the same random input, shortcut and output gradient: outputs and
+    every gradient (input, shortcut, the convs' parameters) agree."""
+    x = torch.randn(shape, dtype=torch.float64)
+    shortcut = torch.randn_like(x) if with_shortcut else None
+    grad = torch.randn(shape, dtype=torch.float64)
+    out, grads = _step(model, x, shortcut, grad)
+    expected, expected_grads = _step(reference, x, shortcut, grad)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+    for ours, theirs in zip(grads, expected_grads):
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
 def _compare_steps(model, reference, with_shortcut):
     for train in (True, False):
         model.train(train), reference.train(train)
-        x = torch.randn(3, 4, 5, 4, dtype=torch.float64)
-        shortcut = torch.randn_like(x) if with_shortcut else None
-        grad = torch.randn(3, 4, 5, 4, dtype=torch.float64)
-        out, grads = _step(model, x, shortcut, grad)
-        expected, expected_grads = _step(reference, x, shortcut, grad)
-        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
-        for ours, theirs in zip(grads, expected_grads):
-            if theirs is not None:
-                torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+        _assert_same_step(model, reference, (3, 4, 5, 4), with_shortcut)
         norm = model.norm
         torch.testing.assert_close(norm.weight.grad, reference.norm.raw_weight.grad, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(norm.bias.grad, reference.norm.bn.bias.grad, rtol=1e-9, atol=1e-10)
@@ -130,15 +136,7 @@ def test_compiled_backend_recompute_and_shortcut(monkeypatch, activation, with_s
     monkeypatch.setenv("INPLACE_ABN_BACKEND", "compiled")
     model = enable_recompute(ConvNormConv(_layer(InPlaceABN, 4, activation)).double())
     reference = _reference_model(model)
-    x = torch.randn(2, 4, 6, 3, dtype=torch.float64)
-    shortcut = torch.randn_like(x) if with_shortcut else None
-    grad = torch.randn(2, 4, 6, 3, dtype=torch.float64)
-    out, grads = _step(model, x, shortcut, grad)
-    expected, expected_grads = _step(reference, x, shortcut, grad)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
-    for ours, theirs in zip(grads, expected_grads):
-        if theirs is not None:
-            torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+    _assert_same_step(model, reference, (2, 4, 6, 3), with_shortcut)
 
 
 def test_compiled_backend_batchnorm_weight(monkeypatch):

@@ -14,7 +14,7 @@ from ..activations import Activation, describe as describe_activation, make_acti
 from ..recompute import enable_recompute
 from . import recognise
 from .graph import (Edit, Region, aliases, apply_rewrites, copy_model, describe, has_fresh_output,
-                    modified_in_place_by, plan_rewrites, set_submodule, traced_regions)
+                    install, modified_in_place_by, plan_rewrites, set_submodule, traced_regions)
 from .patterns import NORM_ACT, GateMatch, Match, find_gate, is_gate_product, match
 from .report import (IN_PLACE, OUT_OF_PLACE, RECOMPUTE, ConversionReport, LayerConversion, SampleInput,
                      max_output_difference, saved_activation_bytes, step_memory)
@@ -383,12 +383,7 @@ def convert_to_abn(
     parameter_uses = collections.Counter(id(p) for _, p in converted.named_parameters(remove_duplicate=False))
     report = ConversionReport(layers=[], relu_to=relu_to)
     for region in traced_regions(converted, recognise.is_batchnorm, report.untraced):
-        replacement = _convert_region(region, options, parameter_uses, report)
-        if replacement is not None:
-            if region.is_root:
-                converted = replacement
-            else:
-                set_submodule(converted, region.name, replacement)
+        converted = install(converted, region, _convert_region(region, options, parameter_uses, report))
     seen = {layer.name for layer in report.layers}
     unseen = "no traced forward reaches it" + (" (see 'not traced')" if report.untraced else "")
     for name, module in model.named_modules():

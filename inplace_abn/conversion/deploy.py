@@ -13,7 +13,7 @@ from torch import fx, nn
 from .. import functions, recompute
 from ..activations import make_activation
 from ..modules import ABN
-from .graph import Edit, apply_rewrites, copy_model, plan_rewrites, set_submodule, traced_regions
+from .graph import Edit, apply_rewrites, copy_model, install, plan_rewrites, set_submodule, traced_regions
 from .recognise import standard_activation_module
 from .weights import feeding_layer, fold, standard_batchnorm
 
@@ -111,12 +111,7 @@ def convert_to_batchnorm(model: nn.Module, batch_norm: Callable[..., _BatchNorm]
             if isinstance(child, ABN):
                 setattr(parent, name, _standard_layers(child, batch_norm))
     for region, rewrites in planned:
-        replacement = apply_rewrites(region, rewrites)
-        if replacement is not None:
-            if region.is_root:
-                model = replacement
-            else:
-                set_submodule(model, region.name, replacement)
+        model = install(model, region, apply_rewrites(region, rewrites))
     # Standard layers need no recompute hooks, and without them the model loads where this package is not
     # installed.
     return recompute.disable_recompute(model)
@@ -162,10 +157,5 @@ def fuse_conv_abn(model: nn.Module) -> nn.Module:
             if edit not in failures:
                 fold(conv, layer)
                 set_submodule(region.module, node.target, _activation_module(layer))
-        replacement = apply_rewrites(region, rewrites)
-        if replacement is not None:
-            if region.is_root:
-                fused = replacement
-            else:
-                set_submodule(fused, region.name, replacement)
+        fused = install(fused, region, apply_rewrites(region, rewrites))
     return fused

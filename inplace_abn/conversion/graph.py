@@ -373,6 +373,17 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def install(model: nn.Module, region: Region, replacement: Optional[nn.Module]) -> nn.Module:
+    """``model`` with ``region``'s module replaced by ``replacement`` (``None``: unchanged); the
+    replacement itself when the region is the whole model."""
+    if replacement is None:
+        return model
+    if region.is_root:
+        return replacement
+    set_submodule(model, region.name, replacement)
+    return model
+
+
 def apply_rewrites(region: Region, rewrites: list[_Rewrite]) -> Optional[nn.Module]:
     """Make the planned edits; returns the module that replaces the whole region, if its own forward changed."""
     replacement = None
